@@ -1,0 +1,44 @@
+"""Shared fixtures: the real BCCD copy, prepared once per test session into a temp TFDS dir."""
+
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # so tests can import configs/
+
+
+def bccd_manual_dir() -> str:
+  path = os.environ.get('WBC_JAX_MANUAL_DIR') or os.path.join(ROOT, '..', 'shared', 'bccd')
+  path = os.path.abspath(path)
+  if not os.path.isfile(os.path.join(path, 'labels.csv')):
+    pytest.fail(f'BCCD data not found at {path}: set WBC_JAX_MANUAL_DIR to a directory holding '
+                'BCCD_Dataset-master.zip and labels.csv.')
+  return path
+
+
+@pytest.fixture(scope='session')
+def manual_dir() -> str:
+  return bccd_manual_dir()
+
+
+@pytest.fixture(scope='session')
+def tfds_dir(tmp_path_factory, manual_dir) -> str:
+  """A TFDS data_dir with bccd_wbc prepared from the manual directory."""
+  import tensorflow_datasets as tfds
+  import wbc_jax  # noqa: F401  registers bccd_wbc
+  data_dir = str(tmp_path_factory.mktemp('tfds'))
+  builder = tfds.builder('bccd_wbc', data_dir=data_dir)
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  return data_dir
+
+
+@pytest.fixture(scope='session')
+def test_config(manual_dir, tfds_dir):
+  from configs import ablation
+  config = ablation.get_config('test')
+  with config.unlocked():
+    config.data.manual_dir = manual_dir
+    config.data.data_dir = tfds_dir
+  return config

@@ -1,0 +1,301 @@
+"""Tests for wbc_jax.models: pinned sizes, shapes, conv equivalence, dropout, RNN semantics, vmap."""
+
+import functools
+from functools import partial
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from wbc_jax import models
+
+PAPER_SHAPE = (60, 80, 3)
+
+
+def _abstract_variables(model, shape, batch=1):
+  """Variables as ShapeDtypeStructs: shapes without allocating or computing anything."""
+  x = jax.ShapeDtypeStruct((batch, *shape), jnp.float32)
+  return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+
+
+def _init(model, x):
+  return jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(x)
+
+
+def _images(shape, batch=2, seed=0):
+  return jax.random.uniform(jax.random.key(seed), (batch, *shape), jnp.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Sizes and shapes
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    'name, shape, expected',
+    [
+        ('cnn', PAPER_SHAPE, 8_240_772),
+        ('cnn_rnn', PAPER_SHAPE, 8_925_764),  # Keras: 8,926,788 with cuDNN's second LSTM bias
+        ('resnet', (64, 64, 3), 695_844),
+        ('resnet', (96, 96, 3), 695_844),  # global pooling: independent of the input size
+    ],
+)
+def test_param_count_is_pinned(name, shape, expected):
+  variables = _abstract_variables(models.get_model(name, num_classes=4), shape)
+  assert models.count_params(variables['params']) == expected
+
+
+def test_cnn_rnn_param_tree_names_the_lstm_layers():
+  variables = _abstract_variables(models.CNNRNN(), PAPER_SHAPE)
+  encoder = variables['params']['BiLSTMEncoder_0']
+  assert set(encoder) == {'bilstm_1', 'bilstm_2'}
+  assert set(encoder['bilstm_2']) == {'forward_rnn', 'backward_rnn'}
+  assert encoder['bilstm_1']['forward_rnn']['cell']['ii']['kernel'].shape == (80, 64)
+  assert encoder['bilstm_2']['backward_rnn']['cell']['ii']['kernel'].shape == (128, 64)
+
+
+@pytest.mark.parametrize(
+    'name, shape',
+    [('cnn', PAPER_SHAPE), ('cnn_rnn', PAPER_SHAPE), ('resnet', (64, 64, 3)), ('resnet', (96, 96, 3))],
+)
+def test_output_shape(name, shape):
+  model = models.get_model(name, num_classes=5)
+  x = jax.ShapeDtypeStruct((3, *shape), jnp.float32)
+
+  def forward(x):
+    variables = model.init(jax.random.key(0), x, train=False)
+    logits, _ = model.apply(
+        variables,
+        x,
+        train=True,
+        rngs={'dropout': jax.random.key(1)},
+        mutable=['batch_stats'],
+    )
+    return logits
+
+  logits = jax.eval_shape(forward, x)
+  assert logits.shape == (3, 5)
+  assert logits.dtype == jnp.float32
+
+
+# --------------------------------------------------------------------------------------------
+# Conv3x3
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('padding', ['VALID', 'SAME'])
+@pytest.mark.parametrize('strides', [1, 2])
+@pytest.mark.parametrize('size', [(7, 9), (8, 10)])
+def test_conv3x3_implementations_match_flax_conv(padding, strides, size):
+  x = jax.random.normal(jax.random.key(0), (2, *size, 3))
+  reference = nn.Conv(5, (3, 3), strides=strides, padding=padding)
+  params = reference.init(jax.random.key(1), x)['params']
+  # A non-zero bias, so that a dropped or misplaced bias would show.
+  params = {**params, 'bias': jax.random.normal(jax.random.key(2), (5,))}
+  out_shape = jax.eval_shape(lambda x: reference.apply({'params': params}, x), x).shape
+  cotangent = jax.random.normal(jax.random.key(3), out_shape)
+
+  def value_and_grads(module):
+    def loss(params, x):
+      y = module.apply({'params': params}, x)
+      return jnp.sum(y * cotangent), y
+
+    grad_fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+    (_, y), (g_params, g_x) = grad_fn(params, x)
+    return y, g_params['kernel'], g_params['bias'], g_x
+
+  expected = value_and_grads(reference)
+  for impl in ('xla', 'matmul'):
+    conv = models.Conv3x3(5, strides=strides, padding=padding, conv_impl=impl)
+    assert jax.tree_util.tree_map(jnp.shape, conv.init(jax.random.key(1), x)['params']) == (
+        jax.tree_util.tree_map(jnp.shape, params)
+    )
+    for got, want, what in zip(
+        value_and_grads(conv), expected, ('output', 'd kernel', 'd bias', 'd input')
+    ):
+      np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4, err_msg=f'{impl}: {what}')
+
+
+def test_conv3x3_rejects_unknown_impl_and_padding():
+  x = jnp.zeros((1, 5, 5, 2))
+  with pytest.raises(ValueError, match="'cudnn'.*xla, matmul, auto"):
+    models.Conv3x3(4, conv_impl='cudnn').init(jax.random.key(0), x)
+  with pytest.raises(ValueError, match="'FULL'"):
+    models.Conv3x3(4, padding='FULL').init(jax.random.key(0), x)
+
+
+def test_cnn_logits_do_not_depend_on_conv_impl():
+  x = _images((12, 16, 3))
+  variables = _init(models.CNN(conv_impl='xla'), x)
+  by_impl = [
+      jax.jit(partial(models.CNN(conv_impl=impl).apply, train=False))(variables, x)
+      for impl in ('xla', 'matmul')
+  ]
+  np.testing.assert_allclose(*by_impl, atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# Dropout, batch norm, vmap over seeds
+# --------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _small_model(name):
+  """A small instance of each model, its images, variables and a jitted apply (cached).
+
+  Same code paths as the full models; fewer blocks and units keep compiles short.
+
+  Returns:
+    (model, images [2, h, w, 3], variables, apply) with
+    apply(variables, x, rng, *, train) -> (logits [2, 4], batch_stats updates).
+  """
+  model, shape = {
+      'cnn': (models.CNN(), (12, 16, 3)),
+      'cnn_rnn': (models.CNNRNN(lstm_units=8), (12, 16, 3)),
+      'resnet': (models.ResNet(widths=(8, 16), blocks_per_stage=1), (16, 16, 3)),
+  }[name]
+  x = _images(shape)
+  variables = _init(model, x)
+
+  @partial(jax.jit, static_argnames='train')
+  def apply(variables, x, rng, *, train):
+    return model.apply(
+        variables, x, train=train, rngs={'dropout': rng}, mutable=['batch_stats']
+    )
+
+  return model, x, variables, apply
+
+
+@pytest.mark.parametrize('name', models.MODEL_NAMES)
+def test_dropout_only_in_training(name):
+  _, x, variables, apply = _small_model(name)
+  logits = lambda train, seed: apply(variables, x, jax.random.key(seed), train=train)[0]
+
+  np.testing.assert_array_equal(logits(False, 1), logits(False, 2))
+  np.testing.assert_array_equal(logits(True, 1), logits(True, 1))
+  assert not np.allclose(logits(True, 1), logits(True, 2))
+
+
+def test_resnet_batch_norm_uses_batch_stats_only_in_training():
+  _, x, variables, apply = _small_model('resnet')
+  rng = jax.random.key(1)
+
+  _, updates = apply(variables, x, rng, train=True)
+  changed = jax.tree_util.tree_map(
+      lambda a, b: bool(jnp.any(a != b)), variables['batch_stats'], updates['batch_stats']
+  )
+  assert all(jax.tree_util.tree_leaves(changed))
+
+  # Evaluation normalises with the running averages (here the initial 0 and 1), not with
+  # the batch's statistics, and leaves them alone.
+  _, updates = apply(variables, x, rng, train=False)
+  assert not updates
+  shifted = jax.tree_util.tree_map(lambda a: a + 1.0, variables['batch_stats'])
+  assert not np.allclose(
+      apply(variables, x, rng, train=False)[0],
+      apply({**variables, 'batch_stats': shifted}, x, rng, train=False)[0],
+  )
+
+
+@pytest.mark.parametrize('name', models.MODEL_NAMES)
+def test_vmap_over_seeds_matches_each_seed_alone(name):
+  model, x, _, apply = _small_model(name)
+  rng = jax.random.key(0)
+  keys = jax.random.split(jax.random.key(1), 2)
+  stacked = jax.jit(jax.vmap(lambda k: model.init(k, x, train=False)))(keys)
+
+  logits = jax.jit(jax.vmap(lambda v: apply(v, x, rng, train=False)[0]))(stacked)
+
+  assert logits.shape == (2, 2, 4)
+  for seed in range(2):
+    alone = jax.tree_util.tree_map(lambda a: a[seed], stacked)
+    np.testing.assert_allclose(
+        logits[seed], apply(alone, x, rng, train=False)[0], atol=1e-5, rtol=1e-5
+    )
+  assert not np.allclose(logits[0], logits[1])  # the seeds really got different params
+
+
+# --------------------------------------------------------------------------------------------
+# The CNN-RNN's recurrent branch
+# --------------------------------------------------------------------------------------------
+
+
+def _run_lstm(cell_params, xs, units):
+  """Reference LSTM: the flax cell stepped in a Python loop. [b, t, f] -> [b, t, units]."""
+  step = jax.jit(nn.LSTMCell(units).apply)
+  carry = (jnp.zeros((xs.shape[0], units)), jnp.zeros((xs.shape[0], units)))
+  outputs = []
+  for t in range(xs.shape[1]):
+    carry, h = step({'params': cell_params}, carry, xs[:, t])
+    outputs.append(h)
+  return jnp.stack(outputs, axis=1)
+
+
+def test_bilstm_encoder_matches_keras_semantics():
+  units = 4
+  x = jax.random.normal(jax.random.key(0), (2, 6, 3))
+  encoder = models.BiLSTMEncoder(units)
+  params = jax.jit(encoder.init)(jax.random.key(1), x)['params']
+  cell = lambda layer, direction: params[layer][f'{direction}_rnn']['cell']
+
+  # Layer 1 returns sequences, with the backward outputs put back in time order.
+  forward = _run_lstm(cell('bilstm_1', 'forward'), x, units)
+  backward = _run_lstm(cell('bilstm_1', 'backward'), x[:, ::-1], units)[:, ::-1]
+  sequence = jnp.concatenate([forward, backward], axis=-1)
+  # Layer 2 returns, per direction, the output after reading the whole sequence: for the
+  # backward LSTM that is its output at time step 0, not at the last one.
+  forward_final = _run_lstm(cell('bilstm_2', 'forward'), sequence, units)[:, -1]
+  backward_final = _run_lstm(cell('bilstm_2', 'backward'), sequence[:, ::-1], units)[:, -1]
+  expected = jnp.concatenate([forward_final, backward_final], axis=-1)
+
+  got = jax.jit(encoder.apply)({'params': params}, x)
+  np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_lstm_init_is_keras_like():
+  x = jnp.zeros((1, 2, 80))  # [batch, steps, features]: the kernels' shapes ignore `steps`
+  params = jax.jit(models.BiLSTMEncoder(64).init)(jax.random.key(0), x)['params']
+  cell = params['bilstm_1']['forward_rnn']['cell']
+  # Input kernels: glorot_uniform over Keras's fused [80, 4 * 64] kernel.
+  limit = np.sqrt(6.0 / (80 + 4 * 64))
+  assert np.abs(cell['ii']['kernel']).max() <= limit
+  assert np.abs(cell['ii']['kernel']).max() > 0.9 * limit
+  # Recurrent kernels: orthogonal.
+  w = np.asarray(cell['hi']['kernel'])
+  np.testing.assert_allclose(w.T @ w, np.eye(64), atol=1e-5)
+  assert not np.any(cell['hf']['bias'])
+
+
+@pytest.mark.parametrize('shape', [(6, 6), (7, 3), (3, 7)])
+def test_orthogonal_init_has_orthonormal_columns_or_rows(shape):
+  keys = jax.random.split(jax.random.key(0), 3)
+  # Seed-vmapped and jitted, as a multi-seed init runs it.
+  w = np.asarray(jax.jit(jax.vmap(lambda k: models._orthogonal_init(k, shape)))(keys))
+  assert w.shape == (3, *shape)
+  small = min(shape)
+  gram = w.transpose(0, 2, 1) @ w if shape[0] >= shape[1] else w @ w.transpose(0, 2, 1)
+  np.testing.assert_allclose(gram, np.broadcast_to(np.eye(small), gram.shape), atol=1e-5)
+  assert not np.allclose(w[0], w[1])
+
+
+# --------------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------------
+
+
+def test_get_model_builds_each_model_with_its_options():
+  assert models.MODEL_NAMES == ('cnn', 'cnn_rnn', 'resnet')
+  model = models.get_model('cnn_rnn', num_classes=3, conv_impl='xla', lstm_units=8)
+  assert isinstance(model, models.CNNRNN)
+  assert (model.num_classes, model.conv_impl, model.lstm_units) == (3, 'xla', 8)
+  assert isinstance(models.get_model('cnn', num_classes=4), models.CNN)
+  assert models.get_model('resnet', num_classes=4, widths=(8, 16)).widths == (8, 16)
+
+
+def test_get_model_rejects_unknown_names():
+  with pytest.raises(ValueError, match="unknown model 'vgg'; expected one of cnn, cnn_rnn, resnet"):
+    models.get_model('vgg', num_classes=4)
+  with pytest.raises(ValueError, match="'fft'"):
+    models.get_model('cnn', num_classes=4, conv_impl='fft')

@@ -1,0 +1,147 @@
+"""The ablation driver: views x splits x regimes x models, each a run of S seeds.
+
+Work directory layout:
+  WORKDIR/config.json
+  WORKDIR/<view>/splits.json                 the image_ids of every split (for audits)
+  WORKDIR/<view>/<split>/<regime>/<model>/   one run: checkpoints/, metrics.jsonl,
+      tensorboard/, predictions.npz, learning_curves.png, confusion_test.png,
+      results.json (written atomically, last: its presence marks the run complete)
+  WORKDIR/summary.json, WORKDIR/summary.md   one row per run, rebuilt at the end
+
+A run whose results.json exists is skipped; an interrupted run resumes from its
+latest checkpoint, so the same command finishes an interrupted ablation.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable
+
+import numpy as np
+
+from wbc_jax import input_pipeline as ip
+from wbc_jax import metrics as metrics_lib
+from wbc_jax import models
+from wbc_jax import train
+from wbc_jax import utils
+
+TRAD = 'original+trad'
+KNOWN_REGIMES = ('original', 'original+trad', 'original+gan', 'original+gan+trad')
+IMPLEMENTED_REGIMES = ('original', 'original+trad')
+
+
+def validate(config) -> None:
+  """Fails early, with the field's name, on names the driver does not know."""
+  for regime in config.ablation.regimes:
+    if regime not in KNOWN_REGIMES:
+      raise ValueError(f'config.ablation.regimes: unknown regime {regime!r}; expected one of '
+                       f'{", ".join(KNOWN_REGIMES)}.')
+    if regime not in IMPLEMENTED_REGIMES:
+      raise ValueError(f'config.ablation.regimes: regime {regime!r} needs the GAN stage, which '
+                       f'this version does not run; available: {", ".join(IMPLEMENTED_REGIMES)}.')
+  for model in config.ablation.models:
+    if model not in models.MODEL_NAMES:
+      raise ValueError(f'config.ablation.models: unknown model {model!r}; expected one of '
+                       f'{", ".join(models.MODEL_NAMES)}.')
+  for view in config.ablation.views:
+    if view not in ip.VIEWS:
+      raise ValueError(f'config.ablation.views: unknown view {view!r}; expected one of '
+                       f'{", ".join(ip.VIEWS)}.')
+  if config.split.protocol not in ip.PROTOCOLS:
+    raise ValueError(f'config.split.protocol: unknown protocol {config.split.protocol!r}; '
+                     f'expected one of {", ".join(ip.PROTOCOLS)}.')
+  if config.split.protocol == 'paper':
+    raise ValueError("config.split.protocol: 'paper' (the leaky protocol) needs the GAN stage, "
+                     "which this version does not run; use 'holdout' or 'kfold'.")
+  if config.num_seeds < 1:
+    raise ValueError(f'config.num_seeds must be >= 1, got {config.num_seeds}.')
+
+
+def run_dir(workdir: str, view: str, split: str, regime: str, model: str) -> str:
+  return os.path.join(workdir, view, split, regime.replace('+', '_'), model)
+
+
+def run(config, workdir: str, log: Callable = print) -> list[dict]:
+  """Runs (or finishes) the whole ablation; returns one summary row per run."""
+  validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  utils.write_atomic(os.path.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
+  t0 = time.time()
+  jobs = []
+  for view in config.ablation.views:
+    data_config = config.data.copy_and_resolve_references()
+    with data_config.unlocked():
+      data_config.view = view
+    examples = ip.load_examples(data_config)
+    splits = ip.make_splits(examples.labels, config.split)
+    if config.split.max_splits > 0:
+      splits = splits[:config.split.max_splits]
+    utils.write_json(os.path.join(workdir, view, 'splits.json'), {
+        s.name: {part: examples.image_ids[getattr(s, part)].tolist()
+                 for part in ('train', 'val', 'test')} for s in splits})
+    for split in splits:
+      for regime in config.ablation.regimes:
+        for model in config.ablation.models:
+          jobs.append((view, examples, split, regime, model))
+
+  rows = []
+  for i, (view, examples, split, regime, model) in enumerate(jobs):
+    rdir = run_dir(workdir, view, split.name, regime, model)
+    results_path = os.path.join(rdir, 'results.json')
+    tag = f'[{i + 1}/{len(jobs)}] {view} {split.name} {regime} {model}'
+    if os.path.exists(results_path):
+      log(f'{tag}: complete, skipped')
+      results = utils.read_json(results_path)
+    else:
+      log(f'{tag}: training {config.num_seeds} seeds x {config.train.epochs} epochs '
+          f'on {len(split.train)} images (val {len(split.val)}, test {len(split.test)})')
+      results = train.train_and_evaluate(
+          config, rdir, examples=examples, split=split, model_name=model,
+          augment=(regime == TRAD), log=log)
+      results.update(view=view, regime=regime)
+      utils.write_json(results_path, results)
+    rows.append(summary_row(results, view, regime))
+    elapsed = time.time() - t0
+    log(f'{tag}: test acc {rows[-1]["test_acc_mean"]:.3f} (ensemble {rows[-1]["test_acc_ens"]:.3f}),'
+        f' balanced {rows[-1]["test_bacc_mean"]:.3f}; elapsed {utils.format_duration(elapsed)}')
+  write_summary(workdir, rows, config)
+  log(f'ablation done in {utils.format_duration(time.time() - t0)}: {os.path.join(workdir, "summary.md")}')
+  return rows
+
+
+def summary_row(results: dict, view: str, regime: str) -> dict:
+  test = results['splits']['test']
+  s = test['seed_summary']
+  return {
+      'view': view, 'split': results['split'], 'regime': regime, 'model': results['model'],
+      'seeds': len(results['seeds']), 'n_test': test['ensemble']['n'],
+      'test_acc_mean': s['accuracy']['mean'], 'test_acc_std': s['accuracy']['std'],
+      'test_bacc_mean': s['balanced_accuracy']['mean'],
+      'test_bacc_std': s['balanced_accuracy']['std'],
+      'test_f1_mean': s['macro_f1']['mean'],
+      'test_acc_ens': test['ensemble']['accuracy'],
+      'test_bacc_ens': test['ensemble']['balanced_accuracy'],
+      'val_acc_best': float(np.mean(results['best_val_accuracy'])),
+      'majority_acc': results['majority_baseline']['accuracy'],
+      'majority_bacc': results['majority_baseline']['balanced_accuracy'],
+      'train_seconds': results['train_seconds'],
+  }
+
+
+def write_summary(workdir: str, rows: list[dict], config) -> None:
+  utils.write_json(os.path.join(workdir, 'summary.json'), rows)
+  cols = ['view', 'split', 'regime', 'model', 'seeds', 'n_test', 'test_acc_mean', 'test_acc_std',
+          'test_bacc_mean', 'test_f1_mean', 'test_acc_ens', 'test_bacc_ens', 'val_acc_best',
+          'majority_acc', 'majority_bacc', 'train_seconds']
+  headers = ['view', 'split', 'regime', 'model', 'seeds', 'test n', 'test acc (mean)', 'acc sd',
+             'test bal. acc', 'test macro-F1', 'test acc (ensemble)', 'bal. acc (ensemble)',
+             'best val acc', 'majority acc', 'majority bal. acc', 'train s']
+  pct = {'test_acc_mean', 'test_acc_std', 'test_bacc_mean', 'test_f1_mean', 'test_acc_ens',
+         'test_bacc_ens', 'val_acc_best', 'majority_acc', 'majority_bacc'}
+  table = metrics_lib.format_markdown_table(rows, cols, headers=headers, percent_columns=pct)
+  text = ('# Ablation summary\n\nReal held-out test images only; "mean" is over seeds, "ensemble" '
+          'averages the seeds\' probabilities. The majority baseline always predicts the most '
+          f'frequent training class.\n\nProtocol: {config.split.protocol}; seeds: {config.num_seeds}; '
+          f'epochs: {config.train.epochs}.\n\n' + table + '\n')
+  utils.write_atomic(os.path.join(workdir, 'summary.md'), text)

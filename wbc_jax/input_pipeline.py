@@ -1,0 +1,330 @@
+"""Input pipeline: TFDS `bccd_wbc` -> views -> splits -> tf.data batches -> numpy.
+
+Shapes: S seeds, B batch, (H, W) the view's size.
+  train batches  {'image': float32 [S, B, H, W, 3] in [0, 1], 'label': int32 [S, B]}
+  eval batches   {'image': float32 [B, H, W, 3], 'label': int32 [B], 'mask': bool [B]}
+
+Views:
+  frame  the whole 640x480 smear resized to `frame_size` (60x80, as the paper).
+  crop   a square centred on the WBC box, `crop_margin` wider than the box's longer
+         side, kept inside the frame, resized to `crop_size`. When an annotation holds
+         two WBC boxes the larger one is used (in this copy one image, 113, has two);
+         images whose annotation holds no WBC box (4 here) use a centred square of
+         `FALLBACK_CROP_PX`, so both views hold the same images and the same splits.
+
+Splits are computed on `image_id`, sorted, with scikit-learn's stratified splitters
+and a fixed `split_seed` (numpy's legacy RandomState, stable across machines):
+  holdout  15% test, then 15% of the rest validation (the paper's proportions).
+  kfold    repeated stratified K-fold; validation is carved, stratified, from each
+           training fold, never from the test fold.
+Training images can be topped up with extra (synthetic) images through `extra=`
+of `train_batches`; evaluation sets never receive them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Iterator
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from sklearn.model_selection import RepeatedStratifiedKFold, train_test_split
+
+from wbc_jax import bccd_wbc
+
+VIEWS = ('frame', 'crop')
+PROTOCOLS = ('holdout', 'kfold', 'paper')
+FALLBACK_CROP_PX = 240
+
+
+@dataclasses.dataclass(frozen=True)
+class Examples:
+  """All examples of one view, in image_id order."""
+  images: np.ndarray      # uint8 [N, H, W, 3]
+  labels: np.ndarray      # int32 [N]
+  image_ids: np.ndarray   # int32 [N]
+  class_names: tuple[str, ...]
+
+  def take(self, index: np.ndarray) -> 'Examples':
+    return Examples(self.images[index], self.labels[index], self.image_ids[index], self.class_names)
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  """Indices into an `Examples` for one (protocol, repeat, fold)."""
+  name: str
+  train: np.ndarray
+  val: np.ndarray
+  test: np.ndarray
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def check_view(view: str) -> None:
+  if view not in VIEWS:
+    raise ValueError(f"config.data.view: unknown view {view!r}; expected one of {', '.join(VIEWS)}.")
+
+
+def _download_config(manual_dir: str | None):
+  if manual_dir:
+    bccd_wbc.find_manual_files(manual_dir)  # a clear error before TFDS runs
+    return tfds.download.DownloadConfig(manual_dir=os.path.abspath(manual_dir))
+  return tfds.download.DownloadConfig()
+
+
+def load_raw(data_config) -> dict[str, np.ndarray]:
+  """Loads (and prepares on first use) `bccd_wbc`; returns whole frames and boxes."""
+  builder = tfds.builder(data_config.name, data_dir=data_config.data_dir or None)
+  builder.download_and_prepare(download_config=_download_config(data_config.manual_dir))
+  ds = builder.as_dataset(split='train', shuffle_files=False)
+  images, labels, ids, boxes = [], [], [], []
+  for ex in ds.as_numpy_iterator():
+    images.append(ex['image'])
+    labels.append(ex['label'])
+    ids.append(ex['image_id'])
+    boxes.append(ex['wbc_boxes']['bbox'] if isinstance(ex['wbc_boxes'], dict) else ex['wbc_boxes'])
+  order = np.argsort(ids)
+  return {
+      'images': np.stack(images)[order],
+      'labels': np.asarray(labels, np.int32)[order],
+      'image_ids': np.asarray(ids, np.int32)[order],
+      'boxes': [np.reshape(boxes[i], (-1, 4)) for i in order],
+      'class_names': tuple(builder.info.features['label'].names),
+  }
+
+
+def crop_box(boxes: np.ndarray, margin: float, frame_hw=(480, 640)) -> np.ndarray:
+  """The square crop (y0, x0, y1, x1), in pixels, for one image's WBC boxes [k, 4]."""
+  h, w = frame_hw
+  if len(boxes) == 0:
+    side = FALLBACK_CROP_PX
+    cy, cx = h / 2, w / 2
+  else:
+    b = boxes * np.array([h, w, h, w], np.float64)
+    largest = b[np.argmax((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]))]
+    cy, cx = (largest[0] + largest[2]) / 2, (largest[1] + largest[3]) / 2
+    side = max(largest[2] - largest[0], largest[3] - largest[1]) * (1 + margin)
+  side = min(side, h, w)
+  # Shift the square inside the frame instead of padding: padding would teach the
+  # classifier that black borders mean "cell near the edge".
+  y0 = float(np.clip(cy - side / 2, 0, h - side))
+  x0 = float(np.clip(cx - side / 2, 0, w - side))
+  return np.array([y0, x0, y0 + side, x0 + side])
+
+
+def make_view(raw: dict, data_config) -> Examples:
+  """Resizes frames or crops WBCs; returns uint8 images of the view's size."""
+  view = data_config.view
+  check_view(view)
+  frames = raw['images']
+  if view == 'frame':
+    size = tuple(data_config.frame_size)
+    out = tf.image.resize(frames, size, method='area')
+  else:
+    size = (data_config.crop_size, data_config.crop_size)
+    h, w = frames.shape[1:3]
+    crops = np.stack([crop_box(b, data_config.crop_margin, (h, w)) for b in raw['boxes']])
+    norm = crops / np.array([h, w, h, w])
+    # crop_and_resize samples bilinearly; crops are 3-4x larger than the output, so
+    # crop at 4x first and area-average down to avoid aliasing.
+    big = tf.image.crop_and_resize(frames, norm.astype(np.float32),
+                                   tf.range(len(frames)), [4 * size[0], 4 * size[1]])
+    out = tf.image.resize(big, size, method='area')
+  images = np.clip(np.round(out.numpy()), 0, 255).astype(np.uint8)
+  return Examples(images, raw['labels'], raw['image_ids'], raw['class_names'])
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_raw(name, data_dir, manual_dir):
+  cfg = type('C', (), dict(name=name, data_dir=data_dir, manual_dir=manual_dir))
+  return load_raw(cfg)
+
+
+def load_examples(data_config) -> Examples:
+  """The whole dataset in one view (cached per process)."""
+  check_view(data_config.view)
+  raw = _cached_raw(data_config.name, data_config.data_dir or None, data_config.manual_dir or None)
+  return make_view(raw, data_config)
+
+
+# ----------------------------------------------------------------------------- splits
+
+
+def make_splits(labels: np.ndarray, split_config) -> list[Split]:
+  """All splits of the protocol, in (repeat, fold) order; indices are sorted."""
+  protocol = split_config.protocol
+  if protocol not in PROTOCOLS:
+    raise ValueError(f"config.split.protocol: unknown protocol {protocol!r}; expected one of "
+                     f"{', '.join(PROTOCOLS)}.")
+  labels = np.asarray(labels)
+  index = np.arange(len(labels))
+  seed = split_config.split_seed
+  val_fraction = split_config.val_fraction
+
+  def carve_val(train_full, salt):
+    tr, va = train_test_split(train_full, test_size=val_fraction, stratify=labels[train_full],
+                              random_state=seed + salt)
+    return np.sort(tr), np.sort(va)
+
+  if protocol in ('holdout', 'paper'):
+    rest, test = train_test_split(index, test_size=split_config.test_fraction, stratify=labels,
+                                  random_state=seed)
+    train, val = carve_val(rest, 1)
+    return [Split('holdout', train, val, np.sort(test))]
+  splitter = RepeatedStratifiedKFold(n_splits=split_config.folds, n_repeats=split_config.repeats,
+                                     random_state=seed)
+  splits = []
+  for i, (train_full, test) in enumerate(splitter.split(index, labels)):
+    r, k = divmod(i, split_config.folds)
+    train, val = carve_val(train_full, 1 + i)
+    splits.append(Split(f'r{r}_k{k}', train, val, np.sort(test)))
+  return splits
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+
+def _rotate(image: tf.Tensor, angle: tf.Tensor) -> tf.Tensor:
+  """Rotates [H, W, C] about its centre; out-of-frame pixels copy the nearest edge
+  (Keras ImageDataGenerator's default fill, which the paper used)."""
+  h = tf.cast(tf.shape(image)[0], tf.float32)
+  w = tf.cast(tf.shape(image)[1], tf.float32)
+  cos, sin = tf.cos(angle), tf.sin(angle)
+  cx, cy = (w - 1) / 2, (h - 1) / 2
+  # Output pixel (x, y) samples input (a0 x + a1 y + a2, b0 x + b1 y + b2).
+  transform = tf.stack([cos, -sin, cx - cos * cx + sin * cy,
+                        sin, cos, cy - sin * cx - cos * cy, 0.0, 0.0])
+  out = tf.raw_ops.ImageProjectiveTransformV3(
+      images=image[None], transforms=transform[None], output_shape=tf.shape(image)[:2],
+      fill_value=0.0, interpolation='BILINEAR', fill_mode='NEAREST')
+  return out[0]
+
+
+def augment_image(image: tf.Tensor, seed: tf.Tensor, aug) -> tf.Tensor:
+  """Traditional augmentation of one float image [H, W, 3] in [0, 1].
+
+  `seed` is an int64 [2] stateless seed; each operation draws from its own sub-seed,
+  so switching one operation on or off does not change the draws of the others.
+  """
+  seeds = tf.random.experimental.stateless_split(seed, num=8)
+  if aug.hflip:
+    image = tf.image.stateless_random_flip_left_right(image, seeds[0])
+  if aug.vflip:
+    image = tf.image.stateless_random_flip_up_down(image, seeds[1])
+  if aug.rot90:
+    square = image.shape[0] == image.shape[1]
+    # A non-square frame only admits 0 or 180 degrees without changing its shape.
+    k = tf.random.stateless_uniform([], seeds[2], 0, 4 if square else 2, tf.int32)
+    image = tf.image.rot90(image, k if square else 2 * k)
+  if aug.rotation_deg > 0:
+    limit = aug.rotation_deg * np.pi / 180
+    angle = tf.random.stateless_uniform([], seeds[3], -limit, limit)
+    image = _rotate(image, angle)
+  if aug.color_jitter > 0:
+    j = aug.color_jitter
+    image = tf.image.stateless_random_brightness(image, j, seeds[4])
+    image = tf.image.stateless_random_contrast(image, 1 - j, 1 + j, seeds[5])
+    image = tf.image.stateless_random_saturation(image, 1 - j, 1 + j, seeds[6])
+    image = tf.image.stateless_random_hue(image, min(j / 4, 0.5), seeds[7])
+  return tf.clip_by_value(image, 0.0, 1.0)
+
+
+def augmentation_enabled(aug) -> bool:
+  return bool(aug.hflip or aug.vflip or aug.rot90 or aug.rotation_deg > 0 or aug.color_jitter > 0)
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def epoch_indices(num_examples: int, batch_size: int, seed: int, epoch: int) -> np.ndarray:
+  """The training order of one seed's epoch, int [steps, batch_size].
+
+  A permutation drawn from (seed, epoch); the last batch is filled up with the start
+  of the same permutation, so every example is seen at least once per epoch and all
+  batches are full (static shapes, no masked training steps).
+  """
+  perm = np.random.default_rng([seed, epoch, 0x5EED]).permutation(num_examples)
+  steps = -(-num_examples // batch_size)
+  return perm[np.arange(steps * batch_size) % num_examples].reshape(steps, batch_size)
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+  return -(-num_examples // batch_size)
+
+
+def train_batches(images: np.ndarray, labels: np.ndarray, *, seeds, epoch: int, batch_size: int,
+                  aug, augment: bool, extra: tuple[np.ndarray, np.ndarray] | None = None,
+                  max_steps: int = -1) -> list[dict[str, np.ndarray]]:
+  """One epoch of training batches for S seeds at once, as numpy.
+
+  images: uint8 [N, H, W, 3] (training split only); labels: int [N].
+  extra:  optional (uint8 [M, H, W, 3], int [M]) synthetic images, appended to the
+          training set of every seed; they never reach an evaluation split.
+  max_steps: if > 0, only the first max_steps batches (short test runs).
+  Each seed has its own order and augmentation draws, both derived from (seed, epoch).
+  Returns [{'image': float32 [S, B, H, W, 3], 'label': int32 [S, B]}] * steps.
+  """
+  if extra is not None and len(extra[0]):
+    images = np.concatenate([images, extra[0]])
+    labels = np.concatenate([labels, extra[1]])
+  seeds = [int(s) for s in seeds]
+  num_seeds = len(seeds)
+  order = np.stack([epoch_indices(len(labels), batch_size, s, epoch) for s in seeds], axis=1)
+  if max_steps > 0:
+    order = order[:max_steps]
+  steps = order.shape[0]
+  flat = order.reshape(-1)  # step-major: [steps, S, B] flattened
+  # Per-element stateless seeds: (seed, epoch * 2^20 + position in the epoch).
+  elem_seed = np.stack([
+      np.repeat(np.asarray(seeds, np.int64), batch_size)[None].repeat(steps, 0).reshape(-1),
+      epoch * (1 << 20) + np.arange(flat.size, dtype=np.int64)], axis=1)
+  table_images = tf.constant(images)
+  table_labels = tf.constant(np.asarray(labels, np.int32))
+
+  def load(i, s):
+    image = tf.cast(tf.gather(table_images, i), tf.float32) / 255.0
+    if augment:
+      image = augment_image(image, s, aug)
+    return image, tf.gather(table_labels, i)
+
+  ds = tf.data.Dataset.from_tensor_slices((flat, elem_seed))
+  ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.batch(num_seeds * batch_size, drop_remainder=True)
+  ds = ds.map(lambda x, y: (tf.reshape(x, [num_seeds, batch_size, *images.shape[1:]]),
+                            tf.reshape(y, [num_seeds, batch_size])))
+  # The epoch is materialised before JAX runs on it: on a 2-core CPU tf.data's threads
+  # would only compete with XLA's, and keeping TF idle while JAX computes avoids
+  # thread-pool interactions between the two runtimes (we saw a hang without this).
+  return [{'image': x, 'label': y} for x, y in ds.as_numpy_iterator()]
+
+
+def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int
+                 ) -> Iterator[dict[str, np.ndarray]]:
+  """Fixed-order evaluation batches, the last padded, with a mask: every example counts once.
+
+  Yields {'image': float32 [B, H, W, 3], 'label': int32 [B], 'mask': bool [B]}.
+  """
+  n = len(labels)
+  for start in range(0, n, batch_size):
+    stop = min(start + batch_size, n)
+    pad = batch_size - (stop - start)
+    x = images[start:stop].astype(np.float32) / 255.0
+    y = np.asarray(labels[start:stop], np.int32)
+    mask = np.ones(stop - start, bool)
+    if pad:
+      x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), np.float32)])
+      y = np.concatenate([y, np.zeros(pad, np.int32)])
+      mask = np.concatenate([mask, np.zeros(pad, bool)])
+    yield {'image': x, 'label': y, 'mask': mask}
+
+
+def class_counts(labels: np.ndarray, class_names) -> dict[str, int]:
+  counts = np.bincount(np.asarray(labels), minlength=len(class_names))
+  return {name: int(c) for name, c in zip(class_names, counts)}

@@ -1,0 +1,430 @@
+"""Classifiers for white-blood-cell images.
+
+* `CNN` and `CNNRNN` reproduce the two Keras models of the published paper, layer for layer and
+  parameter for parameter, on its 60x80x3 input.
+* `ResNet` is a stronger small residual net for the square `crop` view.
+
+All models take float32 images in [0, 1] (the input pipeline scales them), shaped
+`[batch, height, width, 3]`, and return logits `[batch, num_classes]`. Their `__call__` takes
+`train` as a keyword: it switches dropout (rng collection 'dropout') and, in `ResNet`, batch
+norm (train=True needs `mutable=['batch_stats']`). No model keeps Python-side state, so a
+`jax.vmap` over a leading seed axis of the variables trains several seeds at once.
+
+The 3x3 convolutions go through `Conv3x3`, whose `conv_impl` picks between XLA's native
+convolution and an equivalent im2col matmul, because on CPU the native convolution is several
+times slower than the matmul.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+Initializer = Callable[..., Array]
+
+MODEL_NAMES = ('cnn', 'cnn_rnn', 'resnet')
+CONV_IMPLS = ('xla', 'matmul', 'auto')
+PADDINGS = ('VALID', 'SAME')
+
+
+def count_params(params: Any) -> int:
+  """Number of scalars in a pytree of arrays (or of `jax.ShapeDtypeStruct`s).
+
+  A stacked seed axis is counted too: for per-seed params, divide by the number of seeds.
+  """
+  return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params))
+
+
+# --------------------------------------------------------------------------------------------
+# Convolution
+# --------------------------------------------------------------------------------------------
+
+
+def _resolve_conv_impl(conv_impl: str) -> str:
+  """Maps 'auto' to the faster implementation on the current backend; validates the name."""
+  if conv_impl not in CONV_IMPLS:
+    raise ValueError(
+        f"unknown conv_impl {conv_impl!r}; expected one of {', '.join(CONV_IMPLS)}"
+    )
+  if conv_impl == 'auto':
+    return 'matmul' if jax.default_backend() == 'cpu' else 'xla'
+  return conv_impl
+
+
+def _same_pads(size: int, stride: int, kernel_size: int = 3) -> tuple[int, int]:
+  """(before, after) padding of one spatial axis, as XLA and TensorFlow do for 'SAME'.
+
+  The output has ceil(size / stride) positions; an odd total puts the extra row or column
+  after, so that stride-2 results match `nn.Conv(padding='SAME')` exactly.
+  """
+  total = max((-(-size // stride) - 1) * stride + kernel_size - size, 0)
+  return total // 2, total - total // 2
+
+
+def _conv3x3_matmul(x: Array, kernel: Array, stride: int) -> Array:
+  """im2col convolution of an already padded input.
+
+  Args:
+    x: [batch, height, width, cin], padded.
+    kernel: [3, 3, cin, cout] (HWIO).
+    stride: the same in both spatial axes.
+
+  Returns:
+    [batch, out_height, out_width, cout], out_size = (size - 3) // stride + 1.
+  """
+  _, height, width, cin = x.shape
+  out_h = (height - 3) // stride + 1
+  out_w = (width - 3) // stride + 1
+  # Patches are laid out (kh, kw, cin) along the last axis, which is the row-major order of
+  # the HWIO kernel, so the kernel flattens with a plain reshape.
+  patches = jnp.concatenate(
+      [
+          x[:, i : i + stride * (out_h - 1) + 1 : stride, j : j + stride * (out_w - 1) + 1 : stride]
+          for i in range(3)
+          for j in range(3)
+      ],
+      axis=-1,
+  )  # [batch, out_h, out_w, 9 * cin]
+  return patches @ kernel.reshape(9 * cin, kernel.shape[-1])
+
+
+class Conv3x3(nn.Module):
+  """3x3 convolution with a choice of implementation.
+
+  Its params are named and shaped like `nn.Conv(features, (3, 3))` ('kernel' [3, 3, cin,
+  features], 'bias' [features]), so the two are interchangeable.
+
+  Attributes:
+    features: output channels.
+    strides: stride in both spatial axes.
+    padding: 'VALID' or 'SAME' (XLA/TensorFlow SAME, also for stride 2).
+    use_bias: add a bias (off before batch norm, which has its own shift).
+    conv_impl: 'xla' (lax.conv_general_dilated), 'matmul' (im2col: 9 shifted slices and one
+      matmul; on CPU XLA's native convolution is ~4-5x slower than its matmul) or 'auto'
+      ('matmul' on CPU, 'xla' elsewhere).
+    kernel_init: glorot_uniform by default, as Keras.
+    bias_init: zeros.
+  """
+
+  features: int
+  strides: int = 1
+  padding: str = 'VALID'
+  use_bias: bool = True
+  conv_impl: str = 'auto'
+  kernel_init: Initializer = nn.initializers.glorot_uniform()
+  bias_init: Initializer = nn.initializers.zeros_init()
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """[batch, height, width, cin] -> [batch, out_height, out_width, features]."""
+    impl = _resolve_conv_impl(self.conv_impl)
+    if self.padding not in PADDINGS:
+      raise ValueError(
+          f"unknown padding {self.padding!r}; expected one of {', '.join(PADDINGS)}"
+      )
+    kernel = self.param(
+        'kernel', self.kernel_init, (3, 3, x.shape[-1], self.features), jnp.float32
+    )
+    if self.padding == 'SAME':
+      pads = [_same_pads(size, self.strides) for size in x.shape[1:3]]
+    else:
+      pads = [(0, 0), (0, 0)]
+
+    if impl == 'xla':
+      y = lax.conv_general_dilated(
+          x,
+          kernel,
+          window_strides=(self.strides, self.strides),
+          padding=pads,
+          dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      )
+    else:
+      if any(p for pair in pads for p in pair):
+        x = jnp.pad(x, [(0, 0), *pads, (0, 0)])
+      y = _conv3x3_matmul(x, kernel, self.strides)
+
+    if self.use_bias:
+      y = y + self.param('bias', self.bias_init, (self.features,), jnp.float32)
+    return y
+
+
+# --------------------------------------------------------------------------------------------
+# The paper's models
+# --------------------------------------------------------------------------------------------
+
+
+def _dense(features: int, name: str | None = None) -> nn.Dense:
+  """Dense layer with Keras's default initialisation (glorot_uniform kernel, zero bias)."""
+  return nn.Dense(
+      features,
+      kernel_init=nn.initializers.glorot_uniform(),
+      bias_init=nn.initializers.zeros_init(),
+      name=name,
+  )
+
+
+def _max_pool_2x2(x: Array) -> Array:
+  """[b, h, w, c] -> [b, h // 2, w // 2, c]; an odd last row or column is dropped, as Keras."""
+  return nn.max_pool(x, window_shape=(2, 2), strides=(2, 2), padding='VALID')
+
+
+class ClassifierHead(nn.Module):
+  """Dense 128 ReLU -> Dropout 0.5 -> Dense num_classes, the paper's head for both models."""
+
+  num_classes: int
+  hidden: int = 128
+  dropout_rate: float = 0.5
+
+  @nn.compact
+  def __call__(self, features: Array, *, train: bool) -> Array:
+    """[batch, features] -> logits [batch, num_classes]."""
+    x = nn.relu(_dense(self.hidden)(features))
+    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    return _dense(self.num_classes)(x)
+
+
+class CNN(nn.Module):
+  """The paper's CNN.
+
+  Conv3x3 32 -> ReLU -> Conv3x3 64 -> ReLU -> Conv3x3 64 -> ReLU (VALID) -> max-pool 2 ->
+  Dropout 0.25 -> flatten -> Dense 128 ReLU -> Dropout 0.5 -> Dense num_classes.
+  On 60x80x3 input the flattened features are 27*37*64 = 63,936 and the model has 8,240,772
+  parameters, the same as the Keras original.
+  """
+
+  num_classes: int = 4
+  conv_impl: str = 'auto'
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool) -> Array:
+    """Images [batch, height, width, 3] in [0, 1] -> logits [batch, num_classes]."""
+    for features in (32, 64, 64):
+      x = nn.relu(Conv3x3(features, conv_impl=self.conv_impl)(x))
+    x = _max_pool_2x2(x)
+    x = nn.Dropout(0.25, deterministic=not train)(x)
+    # Row-major flatten of NHWC, the order Keras's Flatten uses on channels-last tensors.
+    x = x.reshape(x.shape[0], -1)
+    return ClassifierHead(self.num_classes)(x, train=train)
+
+
+def _keras_lstm_kernel_init(num_gates: int = 4) -> Initializer:
+  """glorot_uniform as Keras draws it for its fused [in, 4 * units] LSTM input kernel.
+
+  flax's LSTMCell keeps one [in, units] kernel per gate, and plain glorot_uniform on that
+  shape would draw from a wider range (fan_out = units instead of 4 * units).
+  """
+
+  def init(key: Array, shape: Sequence[int], dtype: Any = jnp.float32) -> Array:
+    fan_in, units = shape
+    limit = math.sqrt(6.0 / (fan_in + num_gates * units))
+    return jax.random.uniform(key, shape, dtype, -limit, limit)
+
+  return init
+
+
+def _orthogonal_init(key: Array, shape: Sequence[int], dtype: Any = jnp.float32) -> Array:
+  """Random orthogonal matrix (orthonormal columns or rows), as `nn.initializers.orthogonal()`.
+
+  Gram-Schmidt on a Gaussian matrix, with matmuls only: normalising each new column keeps
+  R's diagonal positive, so Q has the same (Haar) distribution as flax's sign-corrected QR.
+  flax's initializer calls LAPACK's QR; on CPU (jaxlib 0.10.2), a jitted program with several
+  batched QRs, which `jax.jit(jax.vmap(init))` over seeds makes of the recurrent kernels, can
+  deadlock XLA's runtime (unless --xla_cpu_enable_concurrency_optimized_scheduler=false).
+
+  Args:
+    key: PRNG key.
+    shape: [rows, cols].
+    dtype: of the result.
+
+  Returns:
+    [rows, cols] with orthonormal columns (rows >= cols) or orthonormal rows (rows < cols).
+  """
+  rows, cols = shape
+  tall = rows >= cols
+  n, k = (rows, cols) if tall else (cols, rows)
+  a = jax.random.normal(key, (n, k), jnp.float32)
+
+  def add_column(j, q):
+    v = a[:, j]
+    # Columns >= j of q are still zero, so projecting on all of q projects on those < j.
+    # Two passes of classical Gram-Schmidt are as accurate in float32 as Householder QR.
+    for _ in range(2):
+      v = v - q @ (q.T @ v)
+    return q.at[:, j].set(v / jnp.linalg.norm(v))
+
+  q = lax.fori_loop(0, k, add_column, jnp.zeros((n, k), jnp.float32))
+  return (q if tall else q.T).astype(dtype)
+
+
+def _lstm_cell(units: int) -> nn.LSTMCell:
+  """Keras-like LSTM cell: glorot input kernels, orthogonal recurrent kernels, zero biases.
+
+  Keras also sets the forget-gate bias to 1 (unit_forget_bias). flax's LSTMCell applies one
+  `bias_init` to all four gates' biases, so that would need a re-implemented cell; the biases
+  stay zero here.
+  """
+  return nn.LSTMCell(
+      units,
+      parent=None,  # unbound, so that the RNN that receives it adopts it as 'cell'
+      kernel_init=_keras_lstm_kernel_init(),
+      recurrent_kernel_init=_orthogonal_init,
+      bias_init=nn.initializers.zeros_init(),
+  )
+
+
+def _bidirectional_lstm(units: int, name: str) -> nn.Bidirectional:
+  """Forward and backward LSTMs; the backward outputs are put back in time order."""
+  # Built unbound so that each module nests under the one it is passed to, giving params
+  # '<name>/{forward_rnn,backward_rnn}/cell/...'.
+  return nn.Bidirectional(
+      nn.RNN(_lstm_cell(units), parent=None),
+      nn.RNN(_lstm_cell(units), parent=None),
+      name=name,
+  )
+
+
+class BiLSTMEncoder(nn.Module):
+  """Two stacked bidirectional LSTMs that encode a sequence into one vector.
+
+  Keras semantics: the first layer returns sequences (forward and backward outputs
+  concatenated per step); the second returns, per direction, the output after reading its
+  whole sequence: the forward LSTM's output at the last step and the backward LSTM's output
+  after reading from the last step back to the first.
+  """
+
+  units: int = 64
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """[batch, steps, features] -> [batch, 2 * units]."""
+    x = _bidirectional_lstm(self.units, 'bilstm_1')(x)  # [batch, steps, 2 * units]
+    ((_, h_forward), (_, h_backward)), _ = _bidirectional_lstm(self.units, 'bilstm_2')(
+        x, return_carry=True
+    )
+    return jnp.concatenate([h_forward, h_backward], axis=-1)
+
+
+class CNNRNN(nn.Module):
+  """The paper's CNN-RNN: a convolutional and a recurrent branch, concatenated.
+
+  CNN branch: Conv3x3 32 -> ReLU -> Conv3x3 64 -> ReLU (VALID) -> max-pool 2 -> Dropout 0.25
+  -> flatten (28*38*64 = 68,096 features at 60x80).
+  RNN branch: the image averaged over its colour channels, read as `height` time steps of
+  `width` values -> `BiLSTMEncoder` (2 * lstm_units) -> Dropout 0.25.
+  Head: concatenation -> Dense 128 ReLU -> Dropout 0.5 -> Dense num_classes.
+
+  At 60x80x3 this has 8,925,764 parameters. Keras reports 8,926,788 for the original because
+  its cuDNN LSTMs keep a second (recurrent) bias per gate: 4 LSTMs * 4 gates * 64 = 1,024
+  more.
+  """
+
+  num_classes: int = 4
+  conv_impl: str = 'auto'
+  lstm_units: int = 64
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool) -> Array:
+    """Images [batch, height, width, 3] in [0, 1] -> logits [batch, num_classes]."""
+    c = x
+    for features in (32, 64):
+      c = nn.relu(Conv3x3(features, conv_impl=self.conv_impl)(c))
+    c = _max_pool_2x2(c)
+    c = nn.Dropout(0.25, deterministic=not train)(c)
+    c = c.reshape(c.shape[0], -1)
+
+    r = BiLSTMEncoder(self.lstm_units)(x.mean(axis=-1))  # rows are the time steps
+    r = nn.Dropout(0.25, deterministic=not train)(r)
+
+    return ClassifierHead(self.num_classes)(jnp.concatenate([c, r], axis=-1), train=train)
+
+
+# --------------------------------------------------------------------------------------------
+# Residual net for the crop view
+# --------------------------------------------------------------------------------------------
+
+
+class ResidualBlock(nn.Module):
+  """Basic block: Conv3x3-BN-ReLU-Conv3x3-BN, plus the shortcut, then ReLU.
+
+  The shortcut is a strided 1x1 projection with batch norm when the stride or the width
+  changes, the identity otherwise.
+  """
+
+  features: int
+  strides: int = 1
+  conv_impl: str = 'auto'
+  bn_momentum: float = 0.9
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool) -> Array:
+    """[b, h, w, cin] -> [b, ceil(h / strides), ceil(w / strides), features]."""
+    norm = lambda **kw: nn.BatchNorm(
+        use_running_average=not train, momentum=self.bn_momentum, **kw
+    )
+    conv = lambda strides: Conv3x3(
+        self.features, strides, 'SAME', use_bias=False, conv_impl=self.conv_impl
+    )
+    y = nn.relu(norm()(conv(self.strides)(x)))
+    # Zero-initialised last scale: every block starts as the identity, which makes the
+    # net train like a shallower one early on (as in flax's ImageNet ResNet).
+    y = norm(scale_init=nn.initializers.zeros_init())(conv(1)(y))
+
+    shortcut = x
+    if self.strides != 1 or x.shape[-1] != self.features:
+      # A 1x1 SAME convolution with stride s reads exactly x[::s, ::s], so it is a Dense.
+      shortcut = x[:, :: self.strides, :: self.strides]
+      shortcut = nn.Dense(self.features, use_bias=False, name='proj')(shortcut)
+      shortcut = norm(name='proj_bn')(shortcut)
+    return nn.relu(y + shortcut)
+
+
+class ResNet(nn.Module):
+  """Small residual net for square crops (e.g. 64x64 or 96x96).
+
+  Stem Conv3x3 widths[0] SAME + BN + ReLU; then one stage per width, each of
+  `blocks_per_stage` `ResidualBlock`s, the first block of every stage after the first with
+  stride 2; global average pool -> Dropout -> Dense num_classes. Global pooling makes the
+  parameter count independent of the input size.
+  """
+
+  num_classes: int = 4
+  conv_impl: str = 'auto'
+  widths: tuple[int, ...] = (32, 64, 128)
+  blocks_per_stage: int = 2
+  dropout_rate: float = 0.2
+  bn_momentum: float = 0.9
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool) -> Array:
+    """Images [batch, height, width, 3] in [0, 1] -> logits [batch, num_classes]."""
+    x = Conv3x3(self.widths[0], padding='SAME', use_bias=False, conv_impl=self.conv_impl)(x)
+    x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum)(x)
+    x = nn.relu(x)
+    for stage, features in enumerate(self.widths):
+      for block in range(self.blocks_per_stage):
+        strides = 2 if stage > 0 and block == 0 else 1
+        x = ResidualBlock(features, strides, self.conv_impl, self.bn_momentum)(x, train=train)
+    x = x.mean(axis=(1, 2))  # [batch, widths[-1]]
+    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    return _dense(self.num_classes)(x)
+
+
+# --------------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------------
+
+_MODELS: dict[str, type[nn.Module]] = {'cnn': CNN, 'cnn_rnn': CNNRNN, 'resnet': ResNet}
+
+
+def get_model(name: str, *, num_classes: int, conv_impl: str = 'auto', **kwargs) -> nn.Module:
+  """Builds the model called `name` (one of `MODEL_NAMES`); kwargs go to its constructor."""
+  if name not in _MODELS:
+    raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODEL_NAMES)}")
+  _resolve_conv_impl(conv_impl)  # fail here rather than at the first trace
+  return _MODELS[name](num_classes=num_classes, conv_impl=conv_impl, **kwargs)

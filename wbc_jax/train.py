@@ -1,0 +1,348 @@
+"""Classifier training: S seeds at once, one jitted program, Orbax-checkpointed.
+
+The train state, `create_train_state` and `train_step` are written for ONE seed; the
+seed axis is added by `jax.vmap` (purejaxrl-style), so each seed has its own
+initialisation, dropout, batch statistics and (through the input pipeline) its own data
+order and augmentation draws. Randomness inside a step is
+`fold_in(state.rng, state.step)`, so a resumed run draws what an uninterrupted one does.
+
+Model selection follows the paper: per seed, the parameters of the epoch with the best
+validation accuracy (the first such epoch on ties) are kept in the state and are the
+ones tested. The test split is evaluated each epoch only for the curves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import time
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from wbc_jax import input_pipeline as ip
+from wbc_jax import metrics as metrics_lib
+from wbc_jax import models
+from wbc_jax import utils
+
+PyTree = Any
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything needed to resume one seed's training (vmapped: a leading seed axis)."""
+  step: jax.Array          # int32 []
+  epoch: jax.Array         # int32 [], epochs completed
+  params: PyTree
+  batch_stats: PyTree      # {} for models without batch norm
+  opt_state: PyTree
+  rng: jax.Array           # uint32 [2], the seed's training key
+  best_params: PyTree
+  best_batch_stats: PyTree
+  best_val_accuracy: jax.Array  # float32 [], -1 before the first evaluation
+  best_epoch: jax.Array    # int32 [], 0 before the first evaluation
+
+
+def make_optimizer(train_config) -> optax.GradientTransformation:
+  name, lr = train_config.optimizer, train_config.learning_rate
+  if name == 'adam':
+    # eps=1e-7 is Keras' default, which the paper used.
+    return optax.adam(lr, eps=1e-7)
+  if name == 'adamw':
+    return optax.adamw(lr, eps=1e-7, weight_decay=train_config.weight_decay)
+  if name == 'sgd':
+    return optax.sgd(lr, momentum=0.9)
+  raise ValueError(f"config.train.optimizer: unknown optimizer {name!r}; expected adam, adamw or sgd.")
+
+
+def create_train_state(key: jax.Array, *, model: nn.Module, tx: optax.GradientTransformation,
+                       image_shape: tuple[int, int, int]) -> TrainState:
+  """Initialises one seed. key: the seed's PRNG key [2]."""
+  init_key, train_key = jax.random.split(key)
+  variables = model.init({'params': init_key, 'dropout': init_key},
+                         jnp.zeros((1, *image_shape), jnp.float32), train=False)
+  params = variables['params']
+  batch_stats = variables.get('batch_stats', {})
+  return TrainState(
+      step=jnp.zeros((), jnp.int32), epoch=jnp.zeros((), jnp.int32),
+      params=params, batch_stats=batch_stats, opt_state=tx.init(params), rng=train_key,
+      best_params=params, best_batch_stats=batch_stats,
+      best_val_accuracy=jnp.full((), -1.0, jnp.float32), best_epoch=jnp.zeros((), jnp.int32))
+
+
+def _apply(model, params, batch_stats, images, *, train, rng=None):
+  variables = {'params': params}
+  if batch_stats:
+    variables['batch_stats'] = batch_stats
+  if train:
+    mutable = ['batch_stats'] if batch_stats else False
+    out = model.apply(variables, images, train=True, rngs={'dropout': rng}, mutable=mutable)
+    logits, new_vars = out if batch_stats else (out, {})
+    return logits, new_vars.get('batch_stats', batch_stats)
+  return model.apply(variables, images, train=False), batch_stats
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], class_weights: jax.Array, *,
+               model: nn.Module, tx: optax.GradientTransformation) -> tuple[TrainState, dict]:
+  """One optimizer step of one seed.
+
+  batch: {'image': float32 [B, H, W, 3], 'label': int32 [B]}; class_weights: [C].
+  Returns the new state and {'loss', 'correct', 'count'} summed over the batch.
+  """
+  rng = jax.random.fold_in(state.rng, state.step)
+  labels = batch['label']
+  weights = class_weights[labels]
+
+  def loss_fn(params):
+    logits, new_bs = _apply(model, params, state.batch_stats, batch['image'], train=True, rng=rng)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    # Keras' class_weight semantics: a weighted mean over the batch with weights
+    # normalised by the batch size (not by their sum).
+    return jnp.mean(ce * weights), (logits, new_bs, ce)
+
+  grads, (logits, new_bs, ce) = jax.grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_bs,
+                            opt_state=opt_state)
+  metrics = {'loss': jnp.sum(ce), 'correct': jnp.sum(jnp.argmax(logits, -1) == labels),
+             'count': jnp.asarray(labels.shape[0], jnp.int32)}
+  return new_state, metrics
+
+
+def predict_step(params: PyTree, batch_stats: PyTree, images: jax.Array, *,
+                 model: nn.Module) -> jax.Array:
+  """Class probabilities of one seed. images [B, H, W, 3] -> [B, C]."""
+  logits, _ = _apply(model, params, batch_stats, images, train=False)
+  return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
+
+def select_best(state: TrainState, val_accuracy: jax.Array) -> TrainState:
+  """Keeps this epoch's parameters where validation accuracy improved (one seed)."""
+  better = val_accuracy > state.best_val_accuracy
+  pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(better, a, b), new, old)
+  return state.replace(
+      best_params=pick(state.params, state.best_params),
+      best_batch_stats=pick(state.batch_stats, state.best_batch_stats),
+      best_val_accuracy=jnp.where(better, val_accuracy, state.best_val_accuracy),
+      best_epoch=jnp.where(better, state.epoch, state.best_epoch))
+
+
+@dataclasses.dataclass
+class Programs:
+  """The jitted, seed-vmapped programs of one model (compiled once per shape)."""
+  init: Callable
+  train_step: Callable
+  predict: Callable
+  select_best: Callable
+
+
+def make_programs(model: nn.Module, tx: optax.GradientTransformation,
+                  image_shape: tuple[int, int, int]) -> Programs:
+  init = jax.jit(jax.vmap(functools.partial(create_train_state, model=model, tx=tx,
+                                            image_shape=image_shape)))
+  step = jax.jit(jax.vmap(functools.partial(train_step, model=model, tx=tx), in_axes=(0, 0, None)),
+                 donate_argnums=0)
+  predict = jax.jit(jax.vmap(functools.partial(predict_step, model=model), in_axes=(0, 0, None)))
+  select = jax.jit(jax.vmap(select_best), donate_argnums=0)
+  return Programs(init, step, predict, select)
+
+
+def predict_probs(predict: Callable, params: PyTree, batch_stats: PyTree, images: np.ndarray,
+                  batch_size: int) -> np.ndarray:
+  """Exact masked evaluation: probabilities [S, N, C] of every example, once each."""
+  outs = []
+  for batch in ip.eval_batches(images, np.zeros(len(images), np.int32), batch_size):
+    probs = predict(params, batch_stats, batch['image'])
+    outs.append(np.asarray(probs)[:, batch['mask']])
+  return np.concatenate(outs, axis=1)
+
+
+def seed_keys(seeds) -> jax.Array:
+  return jax.vmap(jax.random.PRNGKey)(jnp.asarray(list(seeds), jnp.uint32))
+
+
+def class_weights_for(labels: np.ndarray, num_classes: int, enabled: bool) -> np.ndarray:
+  if not enabled:
+    return np.ones(num_classes, np.float32)
+  counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+  # Keras/sklearn "balanced": n / (C * count); absent classes get weight 0.
+  w = np.where(counts > 0, len(labels) / (num_classes * np.maximum(counts, 1)), 0.0)
+  return w.astype(np.float32)
+
+
+def _split_metrics(labels, probs, class_names) -> dict:
+  """Per-seed metrics and those of the seed ensemble (mean probability)."""
+  per_seed = [metrics_lib.classification_metrics(labels, p, class_names) for p in probs]
+  return {
+      'per_seed': per_seed,
+      'seed_summary': metrics_lib.summarize_seeds(per_seed),
+      'ensemble': metrics_lib.classification_metrics(
+          labels, metrics_lib.ensemble_probs(probs), class_names),
+  }
+
+
+def _nll(labels, probs):
+  """Mean NLL per seed. probs [S, N, C] -> [S]."""
+  p = np.take_along_axis(probs, np.asarray(labels)[None, :, None], axis=-1)[..., 0]
+  return -np.log(np.clip(p, 1e-12, 1.0)).mean(axis=1)
+
+
+class NonFiniteLossError(FloatingPointError):
+  pass
+
+
+def train_and_evaluate(config, workdir: str, *, examples: ip.Examples, split: ip.Split,
+                       model_name: str, augment: bool, extra=None, log: Callable = print) -> dict:
+  """Trains S seeds of one (model, regime, split) and writes its files to `workdir`.
+
+  Resumes from the latest checkpoint in `workdir/checkpoints`. Returns results.json's
+  contents. `extra` is (uint8 images, labels) added to the training split only.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  tc = config.train
+  seeds = [config.seed + i for i in range(config.num_seeds)]
+  num_classes = len(examples.class_names)
+  image_shape = tuple(examples.images.shape[1:])
+  train_x, train_y = examples.images[split.train], examples.labels[split.train]
+  model = models.get_model(model_name, num_classes=num_classes, conv_impl=tc.conv_impl)
+  tx = make_optimizer(tc)
+  programs = make_programs(model, tx, image_shape)
+
+  n_train = len(train_y) + (0 if extra is None else len(extra[1]))
+  all_train_y = train_y if extra is None else np.concatenate([train_y, extra[1]])
+  class_weights = class_weights_for(all_train_y, num_classes, tc.class_weighting)
+  steps = ip.steps_per_epoch(n_train, tc.batch_size)
+  if tc.max_steps_per_epoch > 0:
+    steps = min(steps, tc.max_steps_per_epoch)
+
+  state = programs.init(seed_keys(seeds))
+  history: list[dict] = []
+  manager = ocp.CheckpointManager(
+      os.path.abspath(os.path.join(workdir, 'checkpoints')),
+      options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
+  start_epoch = 0
+  if manager.latest_step() is not None:
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    state, history = restored['state'], restored['meta']['history']
+    start_epoch = int(np.asarray(state.epoch)[0])
+    log(f'  resumed from epoch {start_epoch} ({workdir})')
+
+  eval_sets = {'train': (train_x, train_y),
+               'val': (examples.images[split.val], examples.labels[split.val])}
+  if tc.log_test_every_epoch:
+    eval_sets['test'] = (examples.images[split.test], examples.labels[split.test])
+
+  tb = _tensorboard_writers(workdir, seeds)
+  t_start = time.time()
+  for epoch in range(start_epoch, tc.epochs):
+    t0 = time.time()
+    step_metrics = []
+    batches = ip.train_batches(train_x, train_y, seeds=seeds, epoch=epoch,
+                               batch_size=tc.batch_size, aug=config.augment, augment=augment,
+                               extra=extra, max_steps=steps)
+    for batch in batches:
+      state, m = programs.train_step(state, batch, class_weights)
+      step_metrics.append(m)
+    m = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *step_metrics)
+    bad = ~np.isfinite(m['loss'])
+    if bad.any():
+      first = int(np.argwhere(bad.any(axis=1))[0, 0])
+      raise NonFiniteLossError(
+          f'{workdir}: non-finite training loss at epoch {epoch + 1}, step '
+          f'{epoch * steps + first + 1} (seeds {[s for s, b in zip(seeds, bad[first]) if b]}); '
+          'the last checkpoint is kept.')
+    train_secs = time.time() - t0
+    state = state.replace(epoch=state.epoch + 1)
+    row = {'epoch': epoch + 1,
+           'train_aug_loss': (m['loss'].sum(0) / m['count'].sum(0)).tolist(),
+           'train_aug_acc': (m['correct'].sum(0) / m['count'].sum(0)).tolist()}
+    for name, (x, y) in eval_sets.items():
+      probs = predict_probs(programs.predict, state.params, state.batch_stats, x,
+                            tc.eval_batch_size)
+      row[f'{name}_loss'] = _nll(y, probs).tolist()
+      row[f'{name}_acc'] = (probs.argmax(-1) == y[None]).mean(axis=1).tolist()
+    state = programs.select_best(state, jnp.asarray(row['val_acc'], jnp.float32))
+    epoch_secs = time.time() - t0
+    row.update(seconds=epoch_secs, train_images_per_second=steps * tc.batch_size * len(seeds)
+               / max(train_secs, 1e-9))
+    history.append(row)
+    _write_tensorboard(tb, row, seeds)
+    done_here = epoch + 1 - start_epoch
+    eta = (time.time() - t_start) / done_here * (tc.epochs - epoch - 1)
+    log(f'  epoch {epoch + 1:3d}/{tc.epochs}  {epoch_secs:5.1f}s  '
+        f'{row["train_images_per_second"]:6.1f} img/s  '
+        f'loss {np.mean(row["train_aug_loss"]):.3f}  '
+        f'train {np.mean(row["train_acc"]):.3f}  val {np.mean(row["val_acc"]):.3f}  '
+        f'ETA {utils.format_duration(eta)}')
+    last = epoch + 1 == tc.epochs
+    if last or (epoch + 1) % tc.checkpoint_every_epochs == 0:
+      manager.save(epoch + 1, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({'history': history})))
+  manager.wait_until_finished()
+  manager.close()
+  for w in tb:
+    w.close()
+  utils.write_jsonl(os.path.join(workdir, 'metrics.jsonl'), history)
+
+  # Final evaluation of each seed's selected parameters.
+  eval_final = {'train': (train_x, train_y),
+                'val': (examples.images[split.val], examples.labels[split.val]),
+                'test': (examples.images[split.test], examples.labels[split.test])}
+  results = {'model': model_name, 'split': split.name, 'seeds': seeds,
+             'best_epoch': np.asarray(state.best_epoch).tolist(),
+             'best_val_accuracy': np.asarray(state.best_val_accuracy).tolist(),
+             'num_params': models.count_params(jax.tree.map(lambda x: x[0], state.params)),
+             'n_train_real': len(train_y), 'n_train_extra': 0 if extra is None else len(extra[1]),
+             'class_names': list(examples.class_names),
+             'train_seconds': float(sum(r['seconds'] for r in history)),
+             'splits': {}}
+  arrays = {}
+  for name, (x, y) in eval_final.items():
+    probs = predict_probs(programs.predict, state.best_params, state.best_batch_stats, x,
+                          tc.eval_batch_size)
+    results['splits'][name] = _split_metrics(y, probs, examples.class_names)
+    if name != 'train':
+      idx = getattr(split, name)
+      arrays.update({f'{name}_probs': probs, f'{name}_labels': y,
+                     f'{name}_image_ids': examples.image_ids[idx]})
+  results['majority_baseline'] = metrics_lib.majority_baseline(
+      train_y, examples.labels[split.test], num_classes)
+  np.savez(os.path.join(workdir, 'predictions.npz'), **arrays)
+  _write_figures(workdir, history, results, examples.class_names)
+  return results
+
+
+def _tensorboard_writers(workdir, seeds):
+  try:
+    from tensorboardX import SummaryWriter
+  except ImportError:  # optional: curves are in metrics.jsonl and PNGs anyway
+    return []
+  return [SummaryWriter(os.path.join(workdir, 'tensorboard', f'seed_{s}')) for s in seeds]
+
+
+def _write_tensorboard(writers, row, seeds):
+  for i, w in enumerate(writers):
+    for key, value in row.items():
+      if isinstance(value, list):
+        w.add_scalar(key, value[i], row['epoch'])
+    w.flush()
+
+
+def _write_figures(workdir, history, results, class_names):
+  from wbc_jax import plots
+  plots.plot_learning_curves(history, os.path.join(workdir, 'learning_curves.png'),
+                             title=f'{results["model"]} ({results["split"]})')
+  cm = np.asarray(results['splits']['test']['ensemble']['confusion_matrix'])
+  plots.plot_confusion_matrix(cm, list(class_names), os.path.join(workdir, 'confusion_test.png'),
+                              title=f'{results["model"]}: test, seed ensemble')

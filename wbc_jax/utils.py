@@ -1,0 +1,62 @@
+"""Small helpers: atomic file writes, JSON lines, timing."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+import numpy as np
+
+
+def _default(o):
+  if isinstance(o, np.generic):
+    return o.item()
+  if isinstance(o, np.ndarray):
+    return o.tolist()
+  if isinstance(o, tuple):
+    return list(o)
+  raise TypeError(f'not JSON serialisable: {type(o).__name__}')
+
+
+def write_atomic(path: str, data: str | bytes) -> None:
+  """Writes `path` so that a reader sees either the old file or the whole new one.
+
+  Files that mark work as complete are written this way, and last, so a run killed
+  mid-write never leaves a file that looks complete.
+  """
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  mode = 'wb' if isinstance(data, bytes) else 'w'
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix='.tmp.' + os.path.basename(path))
+  try:
+    with os.fdopen(fd, mode) as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def write_json(path: str, obj: Any) -> None:
+  write_atomic(path, json.dumps(obj, indent=2, default=_default) + '\n')
+
+
+def read_json(path: str) -> Any:
+  with open(path) as f:
+    return json.load(f)
+
+
+def write_jsonl(path: str, rows: list[dict]) -> None:
+  write_atomic(path, ''.join(json.dumps(r, default=_default) + '\n' for r in rows))
+
+
+def format_duration(seconds: float) -> str:
+  seconds = max(0, int(round(seconds)))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f'{h}h{m:02d}m{s:02d}s' if h else (f'{m}m{s:02d}s' if m else f'{s}s')
