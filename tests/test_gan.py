@@ -427,6 +427,8 @@ def test_restart_gives_the_same_final_state(cond_runs):
   logged = [json.loads(line) for line in (straight_dir / 'metrics.jsonl').read_text().splitlines()]
   assert [m['step'] for m in logged] == [1, 2, 3, 4]
   assert all(len(m['d_loss']) == 2 for m in logged)  # per seed
+  # The resumed run logged the same numbers, each step once.
+  assert (resumed_dir / 'metrics.jsonl').read_text() == (straight_dir / 'metrics.jsonl').read_text()
   assert (straight_dir / 'samples' / 'step_000002.png').exists()
   assert (straight_dir / 'samples' / 'step_000004.png').exists()
 

@@ -281,10 +281,12 @@ def train_batches(images: np.ndarray, labels: np.ndarray, *, seeds, epoch: int, 
     order = order[:max_steps]
   steps = order.shape[0]
   flat = order.reshape(-1)  # step-major: [steps, S, B] flattened
-  # Per-element stateless seeds: (seed, epoch * 2^20 + position in the epoch).
+  # Per-element stateless seeds (seed, epoch * 2^20 + position in that seed's epoch): a
+  # seed's draws do not depend on which other seeds train beside it.
+  position = np.arange(steps * batch_size, dtype=np.int64).reshape(steps, 1, batch_size)
   elem_seed = np.stack([
-      np.repeat(np.asarray(seeds, np.int64), batch_size)[None].repeat(steps, 0).reshape(-1),
-      epoch * (1 << 20) + np.arange(flat.size, dtype=np.int64)], axis=1)
+      np.broadcast_to(np.asarray(seeds, np.int64)[None, :, None], order.shape).reshape(-1),
+      np.broadcast_to(epoch * (1 << 20) + position, order.shape).reshape(-1)], axis=1)
   table_images = tf.constant(images)
   table_labels = tf.constant(np.asarray(labels, np.int32))
 

@@ -234,8 +234,8 @@ def discriminator_step(state: GANState, real_images: jnp.ndarray, real_labels: j
 
   real_images [b, h, w, 3] in [-1, 1], real_labels [b] (fakes are generated
   for the same labels). Returns the state with new d_params / d_state /
-  d_opt_state and metrics (d_loss, r1, real_logit_mean, fake_logit_mean)
-  measured before the update.
+  d_opt_state and metrics (d_loss, r1, real_logit_mean, fake_logit_mean,
+  d_grad_norm) measured before the update.
   """
   height, width = real_images.shape[1:3]
   generator, discriminator = build_models(config, height, width, num_classes)
@@ -276,6 +276,9 @@ def discriminator_step(state: GANState, real_images: jnp.ndarray, real_labels: j
     return total, (d_state, metrics)
 
   (_, (d_state, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.d_params)
+  # Finite losses with an infinite gradient would still corrupt the
+  # parameters; the run loop's guard sees this norm too.
+  metrics['d_grad_norm'] = optax.global_norm(grads)
   updates, d_opt_state = d_tx.update(grads, state.d_opt_state, state.d_params)
   d_params = optax.apply_updates(state.d_params, updates)
   return state.replace(d_params=d_params, d_state=d_state, d_opt_state=d_opt_state), metrics
@@ -286,7 +289,7 @@ def generator_step(state: GANState, labels: jnp.ndarray, *, config, height: int,
   """One Adam step of G alone, generating one image per label in ``labels`` [b].
 
   Returns the state with new g_params / g_batch_stats / g_opt_state and
-  metrics (g_loss) measured before the update.
+  metrics (g_loss, g_grad_norm) measured before the update.
   """
   generator, discriminator = build_models(config, height, width, num_classes)
   g_tx, _ = make_optimizers(config)
@@ -307,7 +310,7 @@ def generator_step(state: GANState, labels: jnp.ndarray, *, config, height: int,
   updates, g_opt_state = g_tx.update(grads, state.g_opt_state, state.g_params)
   g_params = optax.apply_updates(state.g_params, updates)
   return (state.replace(g_params=g_params, g_batch_stats=g_batch_stats, g_opt_state=g_opt_state),
-          {'g_loss': g_loss})
+          {'g_loss': g_loss, 'g_grad_norm': optax.global_norm(grads)})
 
 
 def update_ema(ema_params, params, *, decay: float, step):
@@ -325,7 +328,8 @@ def gan_train_step(state: GANState, real_batch: jnp.ndarray, real_labels: jnp.nd
 
   real_batch [b, h, w, 3] in [-1, 1]; real_labels [b] int (ignored by the
   'paper' networks). Returns (state with step + 1, metrics of scalars:
-  d_loss, g_loss, r1, real_logit_mean, fake_logit_mean).
+  d_loss, g_loss, r1, real_logit_mean, fake_logit_mean, d_grad_norm,
+  g_grad_norm).
   """
   height, width = real_batch.shape[1:3]
   state, d_metrics = discriminator_step(state, real_batch, real_labels,
@@ -506,6 +510,19 @@ def _run_identity(config, images, labels, seeds, num_classes) -> dict:
           'image_shape': list(images.shape[1:]), 'data_sha1': digest.hexdigest()}
 
 
+_LOGGED = ('d_loss', 'g_loss', 'real_logit_mean', 'fake_logit_mean')
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+  """Drop lines logged after ``step``: a resumed run logs those steps again."""
+  if not path.exists():
+    return
+  lines = [l for l in path.read_text().splitlines() if l and json.loads(l)['step'] <= step]
+  tmp = path.with_name(path.name + '.tmp')
+  tmp.write_text(''.join(l + '\n' for l in lines))
+  os.replace(tmp, path)
+
+
 def _format_duration(seconds: float) -> str:
   if not math.isfinite(seconds):
     return '?'
@@ -576,6 +593,7 @@ def train_gans(config, images: np.ndarray, labels: np.ndarray, *, num_classes: i
       abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
       state = mngr.restore(start, args=ocp.args.StandardRestore(abstract))
       log(f'Restored step {start} from {workdir / "checkpoints"}')
+    _truncate_metrics(workdir / 'metrics.jsonl', start)
     if done_file.exists():
       if json.loads(done_file.read_text()).get('step') == config.steps == start:
         log(f'{workdir} is complete ({config.steps} steps)')
@@ -592,8 +610,9 @@ def train_gans(config, images: np.ndarray, labels: np.ndarray, *, num_classes: i
         bad = ~np.isfinite(value)
         if bad.any():
           raise RuntimeError(
-              f'Non-finite {name} at step {step} (members {np.flatnonzero(bad).tolist()}); '
-              f'nothing of this step was saved, last checkpoint: {mngr.latest_step()}')
+              f'Non-finite {name} at step {step} (0-based; members '
+              f'{np.flatnonzero(bad).tolist()}); nothing of this step was saved, '
+              f'last checkpoint: step {mngr.latest_step()}')
       done = step + 1
       if t_first is None:  # rates exclude the first step's compilation
         t_first, first_done = time.perf_counter(), done
@@ -601,10 +620,12 @@ def train_gans(config, images: np.ndarray, labels: np.ndarray, *, num_classes: i
         elapsed = time.perf_counter() - t_first
         rate = (done - first_done) / elapsed if done > first_done else float('nan')
         eta = (config.steps - done) / rate if rate > 0 else float('nan')
-        summary = '  '.join(f'{k} {np.mean(v):+.4f}±{np.std(v):.4f}'
-                            for k, v in metrics.items() if k != 'r1' or config.r1_gamma > 0)
-        log(f'step {done}/{config.steps}  {summary}  {rate:.2f} steps/s  '
-            f'ETA {_format_duration(eta)}')
+        shown = _LOGGED + (('r1',) if config.r1_gamma > 0 else ())
+        # Mean ± spread over the stacked GANs; per-GAN values go to metrics.jsonl.
+        summary = '  '.join(f'{k} {np.mean(metrics[k]):+.4f}±{np.std(metrics[k]):.4f}'
+                            for k in shown)
+        speed = f'{rate:.3f} steps/s  ETA {_format_duration(eta)}' if rate > 0 else 'compiled'
+        log(f'step {done}/{config.steps}  {summary}  {speed}')
         with open(workdir / 'metrics.jsonl', 'a') as f:
           f.write(json.dumps({'step': done, **{k: np.asarray(v).tolist()
                                                for k, v in metrics.items()}}) + '\n')

@@ -1,0 +1,133 @@
+"""End-to-end: the real entry point on the :test config, seeds vmapped, kill and restart."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from wbc_jax import ablation
+from wbc_jax import input_pipeline as ip
+from wbc_jax import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ONLY_CNN = ['--config.ablation.models=("cnn",)', '--config.ablation.regimes=("original",)']
+
+
+def _main_cmd(test_config, workdir, *extra):
+  return [sys.executable, '-m', 'wbc_jax.main', '--config=configs/ablation.py:test',
+          f'--workdir={workdir}', f'--config.data.manual_dir={test_config.data.manual_dir}',
+          f'--config.data.data_dir={test_config.data.data_dir}', *extra]
+
+
+def _run(cmd, **kw):
+  return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, **kw)
+
+
+def _test_metrics(workdir, regime='original', model='cnn'):
+  path = os.path.join(ablation.run_dir(workdir, 'frame', 'holdout', regime, model), 'results.json')
+  with open(path) as f:
+    return json.load(f)['splits']
+
+
+@pytest.fixture(scope='module')
+def full_run(test_config, tmp_path_factory):
+  """One uninterrupted run of the entry point: both paper models, both regimes."""
+  workdir = str(tmp_path_factory.mktemp('full'))
+  proc = _run(_main_cmd(test_config, workdir))
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return workdir, proc.stdout
+
+
+def test_entry_point_end_to_end(full_run):
+  workdir, stdout = full_run
+  assert 'ablation done' in stdout and 'img/s' in stdout and 'ETA' in stdout
+  for regime in ('original', 'original+trad'):
+    for model in ('cnn', 'cnn_rnn'):
+      rdir = ablation.run_dir(workdir, 'frame', 'holdout', regime, model)
+      res = json.load(open(os.path.join(rdir, 'results.json')))
+      test = res['splits']['test']
+      assert test['ensemble']['n'] == 44  # every real test image counted once
+      assert len(test['per_seed']) == 2
+      assert sum(map(sum, test['ensemble']['confusion_matrix'])) == 44
+      for name in ('metrics.jsonl', 'predictions.npz', 'learning_curves.png', 'confusion_test.png'):
+        assert os.path.getsize(os.path.join(rdir, name)) > 0
+      assert len(open(os.path.join(rdir, 'metrics.jsonl')).readlines()) == 2
+  summary = json.load(open(os.path.join(workdir, 'summary.json')))
+  assert len(summary) == 4
+  assert '| frame |' in open(os.path.join(workdir, 'summary.md')).read()
+
+
+def test_completed_runs_are_skipped(full_run, test_config):
+  workdir, _ = full_run
+  before = _test_metrics(workdir)
+  proc = _run(_main_cmd(test_config, workdir))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.count('complete, skipped') == 4
+  assert _test_metrics(workdir) == before
+
+
+def test_kill_and_restart_matches_uninterrupted(full_run, test_config, tmp_path):
+  workdir, _ = full_run
+  killed = str(tmp_path / 'killed')
+  cmd = _main_cmd(test_config, killed, *ONLY_CNN)
+  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, start_new_session=True)
+  ckpt = os.path.join(ablation.run_dir(killed, 'frame', 'holdout', 'original', 'cnn'),
+                      'checkpoints', '1')
+  deadline = time.time() + 300
+  while not os.path.isdir(ckpt) and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  assert proc.poll() is None, 'the run ended before it could be killed'
+  os.killpg(proc.pid, signal.SIGKILL)
+  proc.wait()
+  assert not os.path.exists(os.path.join(os.path.dirname(os.path.dirname(ckpt)), 'results.json'))
+  again = _run(cmd)
+  assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+  assert 'resumed from epoch 1' in again.stdout
+  # On CPU the resumed run is identical to the uninterrupted one.
+  assert _test_metrics(killed) == _test_metrics(workdir)
+
+
+def test_config_typo_fails_clearly(test_config, tmp_path):
+  proc = _run(_main_cmd(test_config, str(tmp_path), '--config.modle=cnn'))
+  assert proc.returncode != 0
+  assert 'modle' in proc.stderr
+  assert not os.path.exists(os.path.join(tmp_path, 'summary.json'))
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('models', ('cnn', 'vgg'), "unknown model 'vgg'"),
+    ('regimes', ('original', 'gan'), "unknown regime 'gan'"),
+    ('views', ('tile',), "unknown view 'tile'"),
+])
+def test_unknown_names_fail_clearly(test_config, tmp_path, field, value, message):
+  config = test_config.copy_and_resolve_references()
+  with config.unlocked():
+    setattr(config.ablation, field, value)
+  with pytest.raises(ValueError, match=message):
+    ablation.run(config, str(tmp_path))
+  assert not os.path.exists(os.path.join(tmp_path, 'summary.json'))
+
+
+def test_vmapped_seeds_match_single_seed_runs(test_config, tmp_path):
+  """Seed 1 trained beside seed 0 ends where seed 1 trained alone ends."""
+  examples = ip.load_examples(test_config.data)
+  split = ip.make_splits(examples.labels, test_config.split)[0]
+  out = {}
+  for name, (seed, num) in {'pair': (0, 2), 'alone': (1, 1)}.items():
+    config = test_config.copy_and_resolve_references()
+    with config.unlocked():
+      config.seed, config.num_seeds = seed, num
+      config.train.epochs = 1
+    train.train_and_evaluate(config, str(tmp_path / name), examples=examples, split=split,
+                             model_name='cnn', augment=True, log=lambda s: None)
+    out[name] = np.load(tmp_path / name / 'predictions.npz')['test_probs']
+  assert out['pair'].shape[0] == 2 and out['alone'].shape[0] == 1
+  np.testing.assert_allclose(out['pair'][1], out['alone'][0], atol=2e-5)
+  assert not np.allclose(out['pair'][0], out['pair'][1], atol=1e-3)  # seeds really differ
