@@ -276,10 +276,10 @@ def fresh_state(config, key=jax.random.PRNGKey(0)):
   return train.member_state(states, 0)
 
 
-@pytest.mark.parametrize('kind', ['paper', 'cond'])
-def test_one_discriminator_step_lowers_its_loss(kind):
-  # R1 on for one kind, so that the penalty's path through D is exercised too.
-  config = tiny_config(kind, r1_gamma=1.0 if kind == 'paper' else 0.0)
+def test_one_discriminator_step_lowers_its_loss():
+  # The step is the same code for both kinds; 'paper' compiles faster. R1 on,
+  # so that the penalty's path through D is exercised too.
+  config = tiny_config('paper', r1_gamma=1.0)
   state = fresh_state(config)
   images, labels = tiny_data()
   real = jnp.asarray(images[:4] * 2 - 1)
@@ -293,8 +293,7 @@ def test_one_discriminator_step_lowers_its_loss(kind):
   assert int(new_state.step) == int(state.step)
   _, after = step(new_state, real, y)
   assert objective(after) < objective(before)
-  if config.r1_gamma > 0:
-    assert float(before['r1']) > 0
+  assert float(before['r1']) > 0
   leaves_close(new_state.g_params, state.g_params, atol=0)  # G untouched
 
 
@@ -420,6 +419,10 @@ def test_restart_gives_the_same_final_state(cond_runs):
   assert straight.step.tolist() == resumed.step.tolist() == [4, 4]
   for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Spectral norm's power iteration advanced (sigma starts at 1).
+  sigmas = [x for path, x in jax.tree_util.tree_flatten_with_path(straight.d_state)[0]
+            if jax.tree_util.keystr(path).endswith("sigma']")]
+  assert len(sigmas) == 13 and all(not np.allclose(s, 1.0) for s in sigmas)
   # Seeds are independent GANs.
   assert not np.allclose(jax.tree.leaves(straight.g_params)[0][0],
                          jax.tree.leaves(straight.g_params)[0][1])

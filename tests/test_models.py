@@ -1,4 +1,4 @@
-"""Tests for wbc_jax.models: pinned sizes, shapes, conv equivalence, dropout, RNN semantics, vmap."""
+"""Tests for wbc_jax.models: sizes, shapes, conv equivalence, dropout, RNN semantics, vmap."""
 
 import functools
 from functools import partial
@@ -23,15 +23,11 @@ def _abstract_variables(model, shape, batch=1):
 def _key(seed):
   """A PRNG key of the 'rbg' kind.
 
-  XLA's CPU compiler can take tens of seconds on a jitted init whose threefry draws have many
-  different shapes; 'rbg' keys compile in about a second. The tests need generic random
-  values, not the default stream.
+  XLA's CPU compiler spends seconds, for some sets of shapes minutes, on a jitted init whose
+  threefry draws have many different shapes; with 'rbg' keys it takes about a second. The
+  tests need generic random values, not the default stream.
   """
   return jax.random.key(seed, impl='rbg')
-
-
-def _init(model, x):
-  return jax.jit(lambda x: model.init(_key(0), x, train=False))(x)
 
 
 def _normal(shape, seed=0):
@@ -74,7 +70,12 @@ def test_cnn_rnn_param_tree_names_the_lstm_layers():
 
 @pytest.mark.parametrize(
     'name, shape',
-    [('cnn', PAPER_SHAPE), ('cnn_rnn', PAPER_SHAPE), ('resnet', (64, 64, 3)), ('resnet', (96, 96, 3))],
+    [
+        ('cnn', PAPER_SHAPE),
+        ('cnn_rnn', PAPER_SHAPE),
+        ('resnet', (64, 64, 3)),
+        ('resnet', (96, 96, 3)),
+    ],
 )
 def test_output_shape(name, shape):
   model = models.get_model(name, num_classes=5)
@@ -144,8 +145,7 @@ def test_conv3x3_rejects_unknown_impl_and_padding():
 
 
 def test_cnn_logits_do_not_depend_on_conv_impl():
-  x = _images((12, 16, 3))
-  variables = _init(models.CNN(conv_impl='xla'), x)
+  _, x, variables, _ = _small_model('cnn')
   by_impl = [
       jax.jit(partial(models.CNN(conv_impl=impl).apply, train=False))(variables, x)
       for impl in ('xla', 'matmul')
@@ -156,6 +156,24 @@ def test_cnn_logits_do_not_depend_on_conv_impl():
 # --------------------------------------------------------------------------------------------
 # Dropout, batch norm, vmap over seeds
 # --------------------------------------------------------------------------------------------
+
+
+def _generic_variables(model, x):
+  """Variables with generic values, drawn by numpy so that no init has to compile.
+
+  The real init is exercised, jitted and vmapped, by the vmap test. Batch-norm statistics
+  start as in a real init: mean 0, variance 1.
+  """
+  abstract = jax.eval_shape(partial(model.init, train=False), _key(0), x)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+
+  def fill(seed, path, leaf):
+    name = path[-1].key
+    if name in ('mean', 'var'):
+      return jnp.full(leaf.shape, float(name == 'var'), jnp.float32)
+    return 0.1 * _normal(leaf.shape, seed=seed)
+
+  return treedef.unflatten([fill(i, path, leaf) for i, (path, leaf) in enumerate(leaves)])
 
 
 @functools.cache
@@ -174,7 +192,7 @@ def _small_model(name):
       'resnet': (models.ResNet(widths=(8, 16), blocks_per_stage=1), (16, 16, 3)),
   }[name]
   x = _images(shape)
-  variables = _init(model, x)
+  variables = _generic_variables(model, x)
 
   @partial(jax.jit, static_argnames='train')
   def apply(variables, x, rng, *, train):
@@ -208,7 +226,9 @@ def test_resnet_batch_norm_uses_batch_stats_only_in_training():
   # Evaluation normalises with the running averages (here the initial 0 and 1), not with
   # the batch's statistics, and leaves them alone.
   _, updates = apply(variables, x, rng, train=False)
-  jax.tree_util.tree_map(np.testing.assert_array_equal, updates, {'batch_stats': variables['batch_stats']})
+  jax.tree_util.tree_map(
+      np.testing.assert_array_equal, updates['batch_stats'], variables['batch_stats']
+  )
   shifted = jax.tree_util.tree_map(lambda a: a + 1.0, variables['batch_stats'])
   assert not np.allclose(
       apply(variables, x, rng, train=False)[0],
@@ -259,7 +279,10 @@ def test_bilstm_encoder_matches_keras_semantics():
   units = 4
   x = _normal((2, 6, 3))
   encoder = models.BiLSTMEncoder(units)
-  params = jax.jit(encoder.init)(_key(1), x)['params']
+  # Any params will do, and numpy draws them without compiling an init.
+  abstract = jax.eval_shape(encoder.init, _key(1), x)['params']
+  leaves, treedef = jax.tree_util.tree_flatten(abstract)
+  params = treedef.unflatten([0.5 * _normal(a.shape, seed=i) for i, a in enumerate(leaves)])
   cell = lambda layer, direction: params[layer][f'{direction}_rnn']['cell']
 
   # Layer 1 returns sequences, with the backward outputs put back in time order.

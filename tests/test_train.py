@@ -131,3 +131,55 @@ def test_vmapped_seeds_match_single_seed_runs(test_config, tmp_path):
   assert out['pair'].shape[0] == 2 and out['alone'].shape[0] == 1
   np.testing.assert_allclose(out['pair'][1], out['alone'][0], atol=2e-5)
   assert not np.allclose(out['pair'][0], out['pair'][1], atol=1e-3)  # seeds really differ
+
+
+def _extract_smear(manual_dir, tmp_path, number=0):
+  import zipfile
+  name = f'BCCD_Dataset-master/BCCD/JPEGImages/BloodImage_{number:05d}.jpg'
+  with zipfile.ZipFile(os.path.join(manual_dir, 'BCCD_Dataset-master.zip')) as z:
+    path = tmp_path / f'smear_{number}.jpg'
+    path.write_bytes(z.read(name))
+    xml = z.read(name.replace('JPEGImages', 'Annotations').replace('.jpg', '.xml'))
+  return path, xml
+
+
+def test_predict_cli_writes_csv(full_run, test_config, tmp_path):
+  workdir, _ = full_run
+  smear, _ = _extract_smear(test_config.data.manual_dir, tmp_path)
+  rdir = ablation.run_dir(workdir, 'frame', 'holdout', 'original', 'cnn')
+  out = tmp_path / 'preds.csv'
+  proc = _run([sys.executable, '-m', 'wbc_jax.predict', f'--workdir={rdir}', f'--output={out}',
+               str(smear)])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  import csv
+  rows = list(csv.DictReader(open(out)))
+  assert len(rows) == 1 and rows[0]['image'] == str(smear)
+  probs = [float(rows[0][f'p_{n}']) for n in ('EOSINOPHIL', 'LYMPHOCYTE', 'MONOCYTE', 'NEUTROPHIL')]
+  assert abs(sum(probs) - 1) < 1e-3
+  assert rows[0]['predicted'] in ('EOSINOPHIL', 'LYMPHOCYTE', 'MONOCYTE', 'NEUTROPHIL')
+  # The same probabilities as the run's own evaluation of that image, where it was evaluated.
+  from wbc_jax import predict
+  got = predict.predict_files(rdir, [str(smear)])[0]
+  preds = np.load(os.path.join(rdir, 'predictions.npz'))
+  for part in ('val', 'test'):
+    ids = preds[f'{part}_image_ids'].tolist()
+    if 0 in ids:
+      want = preds[f'{part}_probs'][:, ids.index(0)].mean(0)
+      np.testing.assert_allclose([got[f'p_{n}'] for n in predict.load_run(rdir)[1]], want, atol=1e-4)
+
+
+def test_predict_crop_needs_a_box(test_config, tmp_path):
+  from wbc_jax import predict
+  smear, xml = _extract_smear(test_config.data.manual_dir, tmp_path)
+  with pytest.raises(predict.PredictError, match='needs the WBC box'):
+    predict.wbc_boxes_for(str(smear), (480, 640, 3), None)
+  (tmp_path / 'smear_0.xml').write_bytes(xml)
+  boxes = predict.wbc_boxes_for(str(smear), (480, 640, 3), None)
+  assert boxes.shape == (1, 4) and np.all((boxes >= 0) & (boxes <= 1))
+  np.testing.assert_allclose(predict.wbc_boxes_for(str(smear), (480, 640, 3), '48,64,96,128'),
+                             [[0.1, 0.1, 0.2, 0.2]])
+
+
+def test_predict_missing_run_dir_is_clear(tmp_path):
+  proc = _run([sys.executable, '-m', 'wbc_jax.predict', f'--workdir={tmp_path}', 'x.jpg'])
+  assert proc.returncode == 2 and 'no config.json' in proc.stderr

@@ -96,8 +96,13 @@ def run(config, workdir: str, log: Callable = print) -> list[dict]:
     else:
       log(f'{tag}: training {config.num_seeds} seeds x {config.train.epochs} epochs '
           f'on {len(split.train)} images (val {len(split.val)}, test {len(split.test)})')
+      run_config = config.copy_and_resolve_references()
+      with run_config.unlocked():
+        run_config.data.view = view
+        run_config.model = model
+        run_config.regime = regime
       results = train.train_and_evaluate(
-          config, rdir, examples=examples, split=split, model_name=model,
+          run_config, rdir, examples=examples, split=split, model_name=model,
           augment=(regime == TRAD), log=log)
       results.update(view=view, regime=regime)
       utils.write_json(results_path, results)

@@ -208,6 +208,7 @@ def train_and_evaluate(config, workdir: str, *, examples: ip.Examples, split: ip
   contents. `extra` is (uint8 images, labels) added to the training split only.
   """
   os.makedirs(workdir, exist_ok=True)
+  utils.write_atomic(os.path.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
   tc = config.train
   seeds = [config.seed + i for i in range(config.num_seeds)]
   num_classes = len(examples.class_names)

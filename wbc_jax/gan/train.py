@@ -278,7 +278,7 @@ def discriminator_step(state: GANState, real_images: jnp.ndarray, real_labels: j
   (_, (d_state, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.d_params)
   # Finite losses with an infinite gradient would still corrupt the
   # parameters; the run loop's guard sees this norm too.
-  metrics['d_grad_norm'] = optax.global_norm(grads)
+  metrics['d_grad_norm'] = optax.tree.norm(grads)
   updates, d_opt_state = d_tx.update(grads, state.d_opt_state, state.d_params)
   d_params = optax.apply_updates(state.d_params, updates)
   return state.replace(d_params=d_params, d_state=d_state, d_opt_state=d_opt_state), metrics
@@ -310,7 +310,7 @@ def generator_step(state: GANState, labels: jnp.ndarray, *, config, height: int,
   updates, g_opt_state = g_tx.update(grads, state.g_opt_state, state.g_params)
   g_params = optax.apply_updates(state.g_params, updates)
   return (state.replace(g_params=g_params, g_batch_stats=g_batch_stats, g_opt_state=g_opt_state),
-          {'g_loss': g_loss, 'g_grad_norm': optax.global_norm(grads)})
+          {'g_loss': g_loss, 'g_grad_norm': optax.tree.norm(grads)})
 
 
 def update_ema(ema_params, params, *, decay: float, step):
