@@ -1,8 +1,8 @@
 """Tests of wbc_jax.gan: networks, losses, DiffAugment, train step, run loop.
 
-Everything is tiny (16x16 images, batches of 4, 2-4 steps) so the file runs
-in about a minute on two CPU cores. Tests that train share one image set of
-fixed shape, so the compiled train programs are reused across tests.
+Everything is tiny (16x16 images, batches of 4, 2-4 steps); the file runs in
+1-2 minutes on two CPU cores, nearly all of it XLA compilation. Tests that
+train share one image set of fixed shape, so that they reuse compiled programs.
 """
 
 import dataclasses
