@@ -21,13 +21,21 @@ import os
 
 import ml_collections
 
+from wbc_jax.gan import train as gan_train
+
 REGIMES = ('original', 'original+trad', 'original+gan', 'original+gan+trad')
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variant = arg or 'full'
-  if variant not in ('full', 'quick', 'test'):
-    raise ValueError(f"configs/ablation.py: unknown variant {arg!r}; expected '', 'quick' or 'test'.")
+  """arg: '[full|quick|test][,paper_gan]', e.g. 'quick' or 'quick,paper_gan'."""
+  tokens = [t for t in (arg or '').split(',') if t]
+  variants = [t for t in tokens if t in ('full', 'quick', 'test')]
+  unknown = [t for t in tokens if t not in ('full', 'quick', 'test', 'paper_gan')]
+  if unknown or len(variants) > 1:
+    raise ValueError(f"configs/ablation.py: bad argument {arg!r}; expected one of '', 'quick', "
+                     "'test', optionally followed by ',paper_gan'.")
+  variant = variants[0] if variants else 'full'
+  gan_kind = 'paper' if 'paper_gan' in tokens else 'cond'
   c = ml_collections.ConfigDict()
   c.seed = 0                  # seeds are seed, seed+1, ..., seed+num_seeds-1
   c.num_seeds = 4
@@ -71,6 +79,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.checkpoint_every_epochs = 5
   c.train.log_test_every_epoch = True  # for curves only; selection never looks at test
 
+  # The GAN of the '+gan' regimes, trained inside each training split only (never on
+  # validation or test images), then sampled to top every class up to the target.
+  c.gan = gan_train.default_gan_config(gan_kind)
+  c.synthetic = ml_collections.ConfigDict()
+  c.synthetic.target_per_class = 300  # the paper's
+  c.synthetic.gan_seed = 0            # one GAN per split, shared by the classifier seeds
+
   c.ablation = ml_collections.ConfigDict()
   c.ablation.regimes = ('original', 'original+trad')
   c.ablation.models = ('cnn', 'cnn_rnn')
@@ -82,6 +97,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.epochs = 6
     c.train.checkpoint_every_epochs = 2
     c.ablation.views = ('frame', 'crop')
+    with c.gan.unlocked():
+      c.gan.steps = 300
+      c.gan.log_every = 50
+      c.gan.sample_every = 100
+      c.gan.checkpoint_every = 100
   elif variant == 'test':
     c.num_seeds = 2
     c.split.protocol = 'holdout'
@@ -94,6 +114,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # are tested separately.
     c.data.frame_size = (24, 32)
     c.data.crop_size = 24
+    with c.gan.unlocked():
+      c.gan.steps = 2
+      c.gan.batch_size = 4
+      c.gan.log_every = 1
+      c.gan.sample_every = 2
+      c.gan.checkpoint_every = 2
+      c.gan.channels = 8 if gan_kind == 'cond' else 0
+    c.synthetic.target_per_class = 40
   if 'max_steps_per_epoch' not in c.train:
     c.train.max_steps_per_epoch = -1  # truncate epochs (tests only); -1: whole epochs
   c.lock()

@@ -183,3 +183,40 @@ def test_predict_crop_needs_a_box(test_config, tmp_path):
 def test_predict_missing_run_dir_is_clear(tmp_path):
   proc = _run([sys.executable, '-m', 'wbc_jax.predict', f'--workdir={tmp_path}', 'x.jpg'])
   assert proc.returncode == 2 and 'no config.json' in proc.stderr
+
+
+def test_gan_regime_keeps_synthetic_images_out_of_evaluation(test_config, tmp_path, monkeypatch):
+  """The '+gan' regime trains on synthetic images; no evaluation ever sees one."""
+  evaluated = []
+  real_predict = train.predict_probs
+
+  def recording_predict(predict, params, batch_stats, images, batch_size):
+    evaluated.append(np.array(images))
+    return real_predict(predict, params, batch_stats, images, batch_size)
+
+  monkeypatch.setattr(train, 'predict_probs', recording_predict)
+  config = test_config.copy_and_resolve_references()
+  with config.unlocked():
+    config.ablation.models = ('cnn',)
+    config.ablation.regimes = ('original+gan',)
+    config.train.epochs = 1
+  workdir = str(tmp_path)
+  rows = ablation.run(config, workdir, log=lambda s: None)
+  gan_dir = os.path.join(workdir, 'frame', 'holdout', f'gan_{config.gan.kind}')
+  synthetic = np.load(os.path.join(gan_dir, 'synthetic.npz'))
+  examples = ip.load_examples(test_config.data)
+  split = ip.make_splits(examples.labels, config.split)[0]
+  counts = np.bincount(examples.labels[split.train], minlength=4)
+  expected = np.maximum(config.synthetic.target_per_class - counts, 0)
+  np.testing.assert_array_equal(np.bincount(synthetic['labels'], minlength=4), expected)
+  assert rows[0]['n_synthetic'] == expected.sum() > 0
+  fake = {img.tobytes() for img in synthetic['images']}
+  real = {img.tobytes() for img in examples.images}
+  assert not fake & real
+  seen = [img.tobytes() for batch in evaluated for img in batch]
+  assert seen and not set(seen) & fake
+  assert set(seen) <= real
+  preds = np.load(os.path.join(ablation.run_dir(workdir, 'frame', 'holdout', 'original+gan', 'cnn'),
+                               'predictions.npz'))
+  np.testing.assert_array_equal(preds['test_image_ids'], examples.image_ids[split.test])
+  np.testing.assert_array_equal(preds['val_image_ids'], examples.image_ids[split.val])

@@ -26,9 +26,15 @@ from wbc_jax import models
 from wbc_jax import train
 from wbc_jax import utils
 
-TRAD = 'original+trad'
 KNOWN_REGIMES = ('original', 'original+trad', 'original+gan', 'original+gan+trad')
-IMPLEMENTED_REGIMES = ('original', 'original+trad')
+
+
+def uses_trad(regime: str) -> bool:
+  return regime.endswith('+trad')
+
+
+def uses_gan(regime: str) -> bool:
+  return '+gan' in regime
 
 
 def validate(config) -> None:
@@ -37,9 +43,6 @@ def validate(config) -> None:
     if regime not in KNOWN_REGIMES:
       raise ValueError(f'config.ablation.regimes: unknown regime {regime!r}; expected one of '
                        f'{", ".join(KNOWN_REGIMES)}.')
-    if regime not in IMPLEMENTED_REGIMES:
-      raise ValueError(f'config.ablation.regimes: regime {regime!r} needs the GAN stage, which '
-                       f'this version does not run; available: {", ".join(IMPLEMENTED_REGIMES)}.')
   for model in config.ablation.models:
     if model not in models.MODEL_NAMES:
       raise ValueError(f'config.ablation.models: unknown model {model!r}; expected one of '
@@ -52,8 +55,8 @@ def validate(config) -> None:
     raise ValueError(f'config.split.protocol: unknown protocol {config.split.protocol!r}; '
                      f'expected one of {", ".join(ip.PROTOCOLS)}.')
   if config.split.protocol == 'paper':
-    raise ValueError("config.split.protocol: 'paper' (the leaky protocol) needs the GAN stage, "
-                     "which this version does not run; use 'holdout' or 'kfold'.")
+    raise ValueError("config.split.protocol: 'paper' (the leaky protocol) is not implemented yet; "
+                     "use 'holdout' or 'kfold'.")
   if config.num_seeds < 1:
     raise ValueError(f'config.num_seeds must be >= 1, got {config.num_seeds}.')
 
@@ -94,8 +97,13 @@ def run(config, workdir: str, log: Callable = print) -> list[dict]:
       log(f'{tag}: complete, skipped')
       results = utils.read_json(results_path)
     else:
+      extra = None
+      if uses_gan(regime):
+        extra = synthetic_images(config, workdir, view, examples, split, log)
+      n_extra = 0 if extra is None else len(extra[1])
       log(f'{tag}: training {config.num_seeds} seeds x {config.train.epochs} epochs '
-          f'on {len(split.train)} images (val {len(split.val)}, test {len(split.test)})')
+          f'on {len(split.train)} real' + (f' + {n_extra} synthetic' if extra is not None else '')
+          + f' images (val {len(split.val)}, test {len(split.test)}: real only)')
       run_config = config.copy_and_resolve_references()
       with run_config.unlocked():
         run_config.data.view = view
@@ -103,7 +111,7 @@ def run(config, workdir: str, log: Callable = print) -> list[dict]:
         run_config.regime = regime
       results = train.train_and_evaluate(
           run_config, rdir, examples=examples, split=split, model_name=model,
-          augment=(regime == TRAD), log=log)
+          augment=uses_trad(regime), extra=extra, log=log)
       results.update(view=view, regime=regime)
       utils.write_json(results_path, results)
     rows.append(summary_row(results, view, regime))
@@ -115,12 +123,50 @@ def run(config, workdir: str, log: Callable = print) -> list[dict]:
   return rows
 
 
+def synthetic_images(config, workdir: str, view: str, examples: ip.Examples, split: ip.Split,
+                     log: Callable = print) -> tuple[np.ndarray, np.ndarray]:
+  """Synthetic training images for one split: (uint8 [M, H, W, 3], labels [M]).
+
+  The GAN sees the split's training images only (not validation, not test). It is
+  trained once per (view, split) and cached, with its samples, so every regime and
+  model of that split reuses it. Each class is topped up to
+  `synthetic.target_per_class` training images.
+  """
+  from wbc_jax.gan import train as gan_train
+  import jax
+  gan_dir = os.path.join(workdir, view, split.name, f'gan_{config.gan.kind}')
+  cache = os.path.join(gan_dir, 'synthetic.npz')
+  if os.path.exists(cache):
+    with np.load(cache) as z:
+      return z['images'], z['labels']
+  num_classes = len(examples.class_names)
+  real_x, real_y = examples.images[split.train], examples.labels[split.train]
+  log(f'  GAN ({config.gan.kind}, {config.gan.steps} steps) on {len(real_y)} training images '
+      f'of {view} {split.name}')
+  state = gan_train.train_gans(config.gan, real_x.astype(np.float32) / 255.0, real_y,
+                               num_classes=num_classes, seeds=[config.synthetic.gan_seed],
+                               workdir=gan_dir, log=lambda s: log('    ' + s))
+  counts = np.bincount(real_y, minlength=num_classes)
+  need = np.maximum(config.synthetic.target_per_class - counts, 0)
+  key = jax.random.fold_in(jax.random.PRNGKey(config.synthetic.gan_seed), 0x5A4D)
+  images, labels = gan_train.generate(state, config.gan, num_per_class=need.tolist(), key=key,
+                                      height=real_x.shape[1], width=real_x.shape[2],
+                                      num_classes=num_classes)
+  images = np.clip(np.round(images * 255.0), 0, 255).astype(np.uint8)
+  buf_path = cache + '.tmp.npz'
+  np.savez(buf_path, images=images, labels=labels)
+  os.replace(buf_path, cache)  # complete or absent, never half-written
+  log(f'  synthetic images per class: {dict(zip(examples.class_names, need.tolist()))}')
+  return images, labels
+
+
 def summary_row(results: dict, view: str, regime: str) -> dict:
   test = results['splits']['test']
   s = test['seed_summary']
   return {
       'view': view, 'split': results['split'], 'regime': regime, 'model': results['model'],
-      'seeds': len(results['seeds']), 'n_test': test['ensemble']['n'],
+      'seeds': len(results['seeds']), 'n_train': results['n_train_real'],
+      'n_synthetic': results['n_train_extra'], 'n_test': test['ensemble']['n'],
       'test_acc_mean': s['accuracy']['mean'], 'test_acc_std': s['accuracy']['std'],
       'test_bacc_mean': s['balanced_accuracy']['mean'],
       'test_bacc_std': s['balanced_accuracy']['std'],
@@ -136,10 +182,10 @@ def summary_row(results: dict, view: str, regime: str) -> dict:
 
 def write_summary(workdir: str, rows: list[dict], config) -> None:
   utils.write_json(os.path.join(workdir, 'summary.json'), rows)
-  cols = ['view', 'split', 'regime', 'model', 'seeds', 'n_test', 'test_acc_mean', 'test_acc_std',
+  cols = ['view', 'split', 'regime', 'model', 'seeds', 'n_train', 'n_synthetic', 'n_test', 'test_acc_mean', 'test_acc_std',
           'test_bacc_mean', 'test_f1_mean', 'test_acc_ens', 'test_bacc_ens', 'val_acc_best',
           'majority_acc', 'majority_bacc', 'train_seconds']
-  headers = ['view', 'split', 'regime', 'model', 'seeds', 'test n', 'test acc (mean)', 'acc sd',
+  headers = ['view', 'split', 'regime', 'model', 'seeds', 'train n', 'synthetic n', 'test n', 'test acc (mean)', 'acc sd',
              'test bal. acc', 'test macro-F1', 'test acc (ensemble)', 'bal. acc (ensemble)',
              'best val acc', 'majority acc', 'majority bal. acc', 'train s']
   pct = {'test_acc_mean', 'test_acc_std', 'test_bacc_mean', 'test_f1_mean', 'test_acc_ens',
