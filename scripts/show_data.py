@@ -35,8 +35,7 @@ def main(_):
   with config.unlocked():
     config.data.manual_dir = FLAGS.manual_dir
     config.data.data_dir = FLAGS.data_dir
-  raw = ip._cached_raw(config.data.name, config.data.data_dir or None,
-                       config.data.manual_dir or None)
+  raw = ip.load_raw(config.data)
   views = {}
   for view in ip.VIEWS:
     dc = config.data.copy_and_resolve_references()

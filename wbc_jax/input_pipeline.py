@@ -79,10 +79,19 @@ def _download_config(manual_dir: str | None):
   return tfds.download.DownloadConfig()
 
 
-def load_raw(data_config) -> dict[str, np.ndarray]:
-  """Loads (and prepares on first use) `bccd_wbc`; returns whole frames and boxes."""
-  builder = tfds.builder(data_config.name, data_dir=data_config.data_dir or None)
-  builder.download_and_prepare(download_config=_download_config(data_config.manual_dir))
+def load_raw(data_config) -> dict:
+  """Loads (and prepares on first use) `bccd_wbc`: whole frames [N, 480, 640, 3] and boxes.
+
+  Cached per process on (name, data_dir, manual_dir): every view and run of an ablation
+  reads the dataset once. Callers must not modify the returned arrays.
+  """
+  return _load_raw(data_config.name, data_config.data_dir or None, data_config.manual_dir or None)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_raw(name: str, data_dir: str | None, manual_dir: str | None) -> dict:
+  builder = tfds.builder(name, data_dir=data_dir)
+  builder.download_and_prepare(download_config=_download_config(manual_dir))
   ds = builder.as_dataset(split='train', shuffle_files=False)
   images, labels, ids, boxes = [], [], [], []
   for ex in ds.as_numpy_iterator():
@@ -141,17 +150,10 @@ def make_view(raw: dict, data_config) -> Examples:
   return Examples(images, raw['labels'], raw['image_ids'], raw['class_names'])
 
 
-@functools.lru_cache(maxsize=8)
-def _cached_raw(name, data_dir, manual_dir):
-  cfg = type('C', (), dict(name=name, data_dir=data_dir, manual_dir=manual_dir))
-  return load_raw(cfg)
-
-
 def load_examples(data_config) -> Examples:
-  """The whole dataset in one view (cached per process)."""
+  """The whole dataset in one view."""
   check_view(data_config.view)
-  raw = _cached_raw(data_config.name, data_config.data_dir or None, data_config.manual_dir or None)
-  return make_view(raw, data_config)
+  return make_view(load_raw(data_config), data_config)
 
 
 # ----------------------------------------------------------------------------- splits
