@@ -119,6 +119,8 @@ def run(config, workdir: str, log: Callable = print) -> list[dict]:
     log(f'{tag}: test acc {rows[-1]["test_acc_mean"]:.3f} (ensemble {rows[-1]["test_acc_ens"]:.3f}),'
         f' balanced {rows[-1]["test_bacc_mean"]:.3f}; elapsed {utils.format_duration(elapsed)}')
   write_summary(workdir, rows, config)
+  from wbc_jax import report  # here: matplotlib and the statistics are not needed to train
+  report.write_report(workdir, command=report.invocation(), log=log)
   log(f'ablation done in {utils.format_duration(time.time() - t0)}: {os.path.join(workdir, "summary.md")}')
   return rows
 

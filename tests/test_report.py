@@ -1,0 +1,396 @@
+"""The report: every number in REPORT.md against report.json and against a recomputation
+from the files it was built from (results.json, predictions.npz).
+
+Most tests build small work directories by hand (no training: results.json and
+predictions.npz written from random probabilities), so that pooling, repeats, comparisons,
+the leaky section and the GAN section are exercised with non-trivial numbers in seconds. One
+module-scoped fixture runs the real entry point once on the :test config.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn import metrics as skm
+from sklearn.model_selection import RepeatedStratifiedKFold, train_test_split
+
+from wbc_jax import metrics as metrics_lib
+from wbc_jax import report
+from wbc_jax import stats
+from wbc_jax import utils
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLASSES = ['EOSINOPHIL', 'LYMPHOCYTE', 'MONOCYTE', 'NEUTROPHIL']
+QUIET = dict(n_boot=200, log=lambda s: None)
+
+
+# ----------------------------------------------------------------------------- fake work dirs
+
+
+def _probs(rng, labels, skill, seeds=2):
+  """[seeds, N, 4] softmax probabilities whose argmax is right more often as skill grows."""
+  logits = rng.normal(size=(seeds, len(labels), len(CLASSES)))
+  logits[:, np.arange(len(labels)), labels] += skill
+  e = np.exp(logits)
+  return (e / e.sum(-1, keepdims=True)).astype(np.float32)
+
+
+def _write_run(workdir, view, split, regime, model, *, ids, labels, train_labels, probs,
+               protocol, extra=None):
+  rdir = os.path.join(workdir, view, split, regime.replace('+', '_'), model)
+  os.makedirs(rdir)
+  per_seed = [metrics_lib.classification_metrics(labels, p, CLASSES) for p in probs]
+  results = {
+      'model': model, 'split': split, 'seeds': list(range(len(probs))),
+      'n_train_real': len(train_labels), 'n_train_extra': 0, 'class_names': CLASSES,
+      'train_seconds': 1.5, 'view': view, 'regime': regime,
+      'splits': {'test': {
+          'per_seed': per_seed, 'seed_summary': metrics_lib.summarize_seeds(per_seed),
+          'ensemble': metrics_lib.classification_metrics(labels, probs.mean(0), CLASSES)}},
+      'majority_baseline': metrics_lib.majority_baseline(train_labels, labels, 4, CLASSES),
+  }
+  results.update(extra or {})
+  np.savez(os.path.join(rdir, 'predictions.npz'), test_probs=probs, test_labels=labels,
+           test_image_ids=ids)
+  utils.write_json(os.path.join(rdir, 'config.json'), {'split': {'protocol': protocol}})
+  utils.write_json(os.path.join(rdir, 'results.json'), results)
+
+
+def make_workdir(path, *, protocol='kfold', folds=3, repeats=2,
+                 regimes=('original', 'original+gan'), models=('cnn', 'cnn_rnn'), seed=0):
+  """A finished-looking ablation over 60 images (neutrophil the most frequent class)."""
+  labels = np.repeat([0, 1, 2, 3], [18, 10, 8, 24])
+  ids = np.arange(1000, 1000 + len(labels))
+  rng = np.random.default_rng(seed)
+  if protocol == 'kfold':
+    splitter = RepeatedStratifiedKFold(n_splits=folds, n_repeats=repeats, random_state=0)
+    splits = [(f'r{i // folds}_k{i % folds}', tr, te)
+              for i, (tr, te) in enumerate(splitter.split(ids, labels))]
+  else:
+    tr, te = train_test_split(np.arange(len(ids)), test_size=0.3, stratify=labels,
+                              random_state=0)
+    splits = [('holdout', tr, te)]
+  for name, tr, te in splits:
+    for i, regime in enumerate(regimes):
+      for j, model in enumerate(models):
+        _write_run(path, 'frame', name, regime, model, ids=ids[te], labels=labels[te],
+                   train_labels=labels[tr], probs=_probs(rng, labels[te], 0.3 + i + 0.6 * j),
+                   protocol=protocol)
+  utils.write_json(os.path.join(path, 'config.json'), {
+      'split': {'protocol': protocol, 'folds': folds, 'repeats': repeats}, 'num_seeds': 2,
+      'train': {'epochs': 1}, 'gan': {'kind': 'cond'}})
+  return str(path)
+
+
+def _runs_of(workdir, cell):
+  """(split, results, predictions) of a cell's runs, read back from disk."""
+  out = []
+  for split in cell['splits']:
+    rdir = os.path.join(workdir, cell['view'], split, cell['regime'].replace('+', '_'),
+                        cell['model'])
+    with np.load(os.path.join(rdir, 'predictions.npz')) as z:
+      out.append((split, utils.read_json(os.path.join(rdir, 'results.json')), dict(z)))
+  return out
+
+
+def _recompute_pooled(workdir, cell, score):
+  """Mean over repeats of score(labels, preds) on each repeat's pool, with sklearn."""
+  by_repeat = {}
+  for split, _, z in _runs_of(workdir, cell):
+    by_repeat.setdefault(report.repeat_of(split), []).append(z)
+  values = []
+  for parts in by_repeat.values():
+    labels = np.concatenate([z['test_labels'] for z in parts])
+    preds = np.concatenate([z['test_probs'].mean(0).argmax(-1) for z in parts])
+    values.append(score(labels, preds))
+  return float(np.mean(values))
+
+
+def _row(markdown, *cells):
+  """The one table row of REPORT.md starting with these cells."""
+  start = '| ' + ' | '.join(cells) + ' |'
+  rows = [line for line in markdown.splitlines() if line.startswith(start)]
+  assert len(rows) == 1, (start, rows)
+  return rows[0]
+
+
+@pytest.fixture(scope='module')
+def kfold_report(tmp_path_factory):
+  """2 repeats x 3 folds, 2 regimes x 2 models, plus one LEAKY run and two GAN dirs."""
+  workdir = make_workdir(tmp_path_factory.mktemp('kfold'))
+  rng = np.random.default_rng(1)
+  labels = np.repeat([0, 1, 2, 3], [5, 5, 5, 5])
+  _write_run(workdir, 'frame', 'holdout', 'original+gan', 'cnn', ids=np.arange(20),
+             labels=labels, train_labels=np.repeat([0, 1, 2, 3], [20, 20, 20, 30]),
+             probs=_probs(rng, labels, 3.0), protocol='paper',
+             extra={'protocol': 'paper', 'leaky': True, 'test_synthetic_fraction': 0.75,
+                    'test_by_source': {'real': {'ensemble': {'accuracy': 0.4,
+                                                             'balanced_accuracy': 0.3}}}})
+  samples = os.path.join(workdir, 'frame', 'r0_k0', 'gan_cond', 'samples')
+  os.makedirs(samples)
+  Image.new('RGB', (8, 8)).save(os.path.join(samples, 'step_000002.png'))
+  utils.write_json(os.path.join(workdir, 'frame', 'r0_k0', 'gan_cond', 'measures.json'),
+                   {'kid': {'overall': {'mean': 0.012345}, 'per_class': {'MONOCYTE': 0.2}},
+                    'notes': ['KID is unbiased.']})
+  # A GAN's own classifier run (CAS) has a results.json too; it is not an ablation cell.
+  cas = os.path.join(workdir, 'frame', 'r0_k0', 'gan_cond', 'cas')
+  os.makedirs(cas)
+  utils.write_json(os.path.join(cas, 'results.json'), {'model': 'cnn'})
+  os.makedirs(os.path.join(workdir, 'frame', 'r0_k1', 'gan_cond'))
+  with open(os.path.join(workdir, 'frame', 'r0_k1', 'gan_cond', 'measures.json'), 'w') as f:
+    f.write('{"kid": ')  # half-written by a running job: skipped quietly
+  data = report.write_report(workdir, **QUIET)
+  with open(os.path.join(workdir, 'REPORT.md')) as f:
+    markdown = f.read()
+  return workdir, data, markdown
+
+
+def _honest(data):
+  return [c for c in data['cells'] if not c['leaky']]
+
+
+# ----------------------------------------------------------------------------- pure functions
+
+
+@pytest.mark.filterwarnings('ignore:y_pred contains classes not in y_true')
+@pytest.mark.parametrize('seed', range(5))
+def test_fast_metrics_match_sklearn(seed):
+  rng = np.random.default_rng(seed)
+  labels = rng.choice(4, size=30, p=[0.1, 0.2, 0.0, 0.7])  # class 2 absent from the labels
+  preds = rng.integers(0, 4, size=30)
+  assert report.accuracy(labels, preds, 4) == pytest.approx(skm.accuracy_score(labels, preds))
+  assert report.balanced_accuracy(labels, preds, 4) == pytest.approx(
+      skm.balanced_accuracy_score(labels, preds))
+  assert report.macro_f1(labels, preds, 4) == pytest.approx(
+      skm.f1_score(labels, preds, average='macro', zero_division=0))
+  expected = skm.recall_score(labels, preds, labels=[0, 1, 3], average=None)
+  np.testing.assert_allclose(report.recalls(labels, preds, 4)[[0, 1, 3]], expected)
+  assert np.isnan(report.recalls(labels, preds, 4)[2])
+
+
+def test_repeat_of():
+  assert report.repeat_of('r0_k3') == 0
+  assert report.repeat_of('r2_k0') == 2
+  assert report.repeat_of('holdout') == 0
+
+
+def test_pool_repeat_sorts_by_image_and_rejects_duplicates():
+  parts = [(np.array([7, 3]), np.array([1, 0]), np.array([[0.2, 0.8], [0.9, 0.1]])),
+           (np.array([5]), np.array([1]), np.array([[0.4, 0.6]]))]
+  ids, labels, probs = report.pool_repeat(parts)
+  np.testing.assert_array_equal(ids, [3, 5, 7])
+  np.testing.assert_array_equal(labels, [0, 1, 1])
+  np.testing.assert_allclose(probs, [[0.9, 0.1], [0.4, 0.6], [0.2, 0.8]])
+  with pytest.raises(report.ReportError, match='more than once'):
+    report.pool_repeat(parts + [(np.array([3]), np.array([0]), np.array([[1.0, 0.0]]))])
+
+
+def test_align_repeats_keeps_first_repeat_when_images_differ():
+  a = (np.array([1, 2]), np.array([0, 1]), np.array([[0.9, 0.1], [0.3, 0.7]]))
+  b = (np.array([1, 2]), np.array([0, 1]), np.array([[0.1, 0.9], [0.3, 0.7]]))
+  c = (np.array([1, 3]), np.array([0, 1]), np.array([[0.9, 0.1], [0.3, 0.7]]))
+  ids, labels, preds, probs, note = report.align_repeats([a, b])
+  np.testing.assert_array_equal(preds, [[0, 1], [1, 1]])
+  assert probs.shape == (2, 2, 2) and note == ''
+  _, _, preds, _, note = report.align_repeats([a, c])
+  assert preds.shape == (1, 2) and 'first repeat' in note
+
+
+def test_pooled_estimate_averages_repeats_with_shared_resamples():
+  labels = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2, 2])
+  p0 = np.array([0, 0, 1, 1, 1, 2, 2, 2, 0, 2])
+  p1 = np.array([0, 1, 1, 1, 0, 2, 2, 2, 2, 2])
+  fn = report.balanced_accuracy
+  both = report.pooled_estimate(labels, np.stack([p0, p1]), fn, 3, n_boot=300, seed=0)
+  expected = np.mean([skm.balanced_accuracy_score(labels, p) for p in (p0, p1)])
+  assert both['point'] == pytest.approx(expected)
+  assert both['low'] <= both['point'] <= both['high']
+  # Two identical repeats are one repeat: same point and the same interval (same resamples).
+  twice = report.pooled_estimate(labels, np.stack([p0, p0]), fn, 3, n_boot=300, seed=0)
+  once = report.pooled_estimate(labels, p0, fn, 3, n_boot=300, seed=0)
+  assert twice == pytest.approx(once)
+
+
+def test_paired_difference():
+  labels = np.array([0, 0, 1, 1, 1, 1])
+  a = np.array([0, 0, 1, 1, 1, 0])
+  same = report.paired_difference(labels, a[None], a[None], report.accuracy, 2, n_boot=100,
+                                  seed=0)
+  assert same == {'point': 0.0, 'low': 0.0, 'high': 0.0}
+  b = np.array([1, 0, 1, 1, 0, 0])
+  diff = report.paired_difference(labels, a[None], b[None], report.accuracy, 2, n_boot=100,
+                                  seed=0)
+  assert diff['point'] == pytest.approx(2 / 6)
+  assert diff['low'] <= diff['point'] <= diff['high']
+
+
+# ----------------------------------------------------------------------------- built reports
+
+
+def test_pooled_oof_matches_sklearn_recomputation(kfold_report):
+  workdir, data, _ = kfold_report
+  scores = {'accuracy': skm.accuracy_score, 'balanced_accuracy': skm.balanced_accuracy_score,
+            'macro_f1': lambda y, p: skm.f1_score(y, p, average='macro', zero_division=0)}
+  for cell in _honest(data):
+    assert cell['repeats'] == 2 and cell['pooled_n'] == 60 and len(cell['splits']) == 6
+    for name, score in scores.items():
+      pooled = cell['pooled'][name]
+      assert pooled['point'] == pytest.approx(_recompute_pooled(workdir, cell, score))
+      assert pooled['low'] <= pooled['point'] <= pooled['high']
+
+
+def test_mean_sd_over_splits_and_seeds(kfold_report):
+  workdir, data, _ = kfold_report
+  for cell in _honest(data):
+    values = [m['balanced_accuracy'] for _, res, _ in _runs_of(workdir, cell)
+              for m in res['splits']['test']['per_seed']]
+    assert len(values) == 6 * 2
+    got = cell['mean_sd']['balanced_accuracy']
+    assert got['mean'] == pytest.approx(np.mean(values))
+    assert got['sd'] == pytest.approx(np.std(values, ddof=1))
+
+
+def test_markdown_rows_print_report_json(kfold_report):
+  _, data, markdown = kfold_report
+  for cell in _honest(data):
+    row = _row(markdown, 'frame', report.REGIME_NAMES[cell['regime']],
+               report.MODEL_NAMES[cell['model']])
+    for key in ('accuracy', 'balanced_accuracy', 'macro_f1'):
+      assert f'| {report._mean_sd_text(cell["mean_sd"][key])} |' in row
+      assert f'| {report._ci_text(cell["pooled"][key])} |' in row
+    majority = cell['majority']['pooled']
+    assert row.endswith(f'| {report.pct(majority["accuracy"])} | '
+                        f'{report.pct(majority["balanced_accuracy"])} |')
+
+
+def test_majority_baseline_is_the_training_majority(kfold_report):
+  _, data, markdown = kfold_report
+  for cell in _honest(data):
+    assert cell['majority']['classes'] == ['NEUTROPHIL']
+    assert cell['majority']['pooled']['accuracy'] == pytest.approx(24 / 60)
+    assert cell['majority']['pooled']['balanced_accuracy'] == pytest.approx(0.25)
+  assert '| majority acc | majority bal. acc |' in markdown
+  assert 'most frequent training class (NEUTROPHIL)' in markdown
+
+
+def test_comparisons_recomputed(kfold_report):
+  workdir, data, markdown = kfold_report
+  comps = data['comparisons']
+  # GAN vs original for each model, CNN-RNN vs CNN for each regime; the LEAKY run never.
+  assert sorted((c['name_a'], c['name_b']) for c in comps) == sorted([
+      ('GAN (CNN)', 'original (CNN)'), ('GAN (CNN-RNN)', 'original (CNN-RNN)'),
+      ('original (CNN-RNN)', 'original (CNN)'), ('GAN (CNN-RNN)', 'GAN (CNN)')])
+  cells = {(c['regime'], c['model']): c for c in _honest(data)}
+  raw_p = []
+  for c in comps:
+    a, b = cells[(c['a']['regime'], c['a']['model'])], cells[(c['b']['regime'], c['b']['model'])]
+    ra, rb = _runs_of(workdir, a), _runs_of(workdir, b)
+    expected = stats.corrected_resampled_ttest(
+        [res['splits']['test']['ensemble']['balanced_accuracy'] for _, res, _ in ra],
+        [res['splits']['test']['ensemble']['balanced_accuracy'] for _, res, _ in rb],
+        n_train=round(a['n_train']), n_test=round(a['n_test']))
+    assert c['ttest'] == pytest.approx(expected)
+    raw_p.append(c['ttest']['p'])
+    # McNemar on the first repeat's pool, aligned by image id.
+    pools = []
+    for runs in (ra, rb):
+      zs = [z for split, _, z in runs if split.startswith('r0_')]
+      ids = np.concatenate([z['test_image_ids'] for z in zs])
+      preds = np.concatenate([z['test_probs'].mean(0).argmax(-1) for z in zs])
+      labels = np.concatenate([z['test_labels'] for z in zs])
+      order = np.argsort(ids)
+      pools.append((labels[order], preds[order]))
+    assert c['mcnemar'] == stats.mcnemar_exact(pools[0][0], pools[0][1], pools[1][1])
+    assert c['sentence'] in markdown
+  assert [c['ttest_p_holm'] for c in comps] == pytest.approx(stats.holm(raw_p))
+
+
+def test_leaky_run_is_kept_apart(kfold_report):
+  _, data, markdown = kfold_report
+  assert len(data['cells']) == 4 + 1  # no cell from gan_cond/cas/
+  (leaky,) = [c for c in data['cells'] if c['leaky']]
+  assert leaky['protocol'] == 'paper'
+  honest_part, _, leaky_part = markdown.partition('\n## LEAKY')
+  assert '| frame | GAN | CNN | 1 x 2 |' not in honest_part
+  row = _row(leaky_part, 'LEAKY', 'frame', 'GAN', 'CNN')
+  assert row.endswith('| 75.0 | 40.0 | 30.0 |')
+  assert all(c['protocol'] != 'paper' for c in data['comparisons'])
+
+
+def test_paper_table_and_gan_section(kfold_report):
+  workdir, _, markdown = kfold_report
+  assert 'measured on a test split drawn after synthetic images were mixed in' in markdown
+  row = _row(markdown, 'GAN', 'CNN-RNN')
+  assert '| 87.8 | 180 |' in row
+  assert '"Test accuracy: 0.8777777552604675"' in markdown
+  assert '![samples](frame/r0_k0/gan_cond/samples/step_000002.png)' in markdown
+  assert '| kid.overall.mean | 0.01235 |' in markdown and 'per_class' not in markdown
+  assert '- KID is unbiased.' in markdown
+  assert os.path.exists(os.path.join(workdir, 'report', 'pooled_balanced_accuracy.png'))
+
+
+def test_holdout_says_ttest_not_defined(tmp_path):
+  workdir = make_workdir(tmp_path, protocol='holdout', models=('cnn',))
+  data = report.write_report(workdir, **QUIET)
+  (c,) = data['comparisons']
+  assert c['ttest'] is None and 'not defined' in c['ttest_note']
+  with open(os.path.join(workdir, 'REPORT.md')) as f:
+    markdown = f.read()
+  assert 'not defined (one split)' in markdown
+  assert 'exact McNemar p' in c['sentence'] and c['sentence'] in markdown
+  (cell,) = [x for x in data['cells'] if x['regime'] == 'original']
+  assert cell['pooled']['balanced_accuracy']['point'] == pytest.approx(
+      _recompute_pooled(workdir, cell, skm.balanced_accuracy_score))
+
+
+def test_bad_workdir_fails_with_the_path(tmp_path):
+  with pytest.raises(report.ReportError, match='no such work directory'):
+    report.write_report(str(tmp_path / 'missing'), **QUIET)
+  with pytest.raises(report.ReportError, match='no completed runs'):
+    report.write_report(str(tmp_path), **QUIET)
+  assert not os.path.exists(tmp_path / 'REPORT.md')
+  proc = subprocess.run([sys.executable, '-m', 'wbc_jax.report', f'--workdir={tmp_path}'],
+                        cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0
+  assert str(tmp_path) in proc.stderr and 'no completed runs' in proc.stderr
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory, manual_dir, tfds_dir):
+  """The real entry point, once: kfold with 2 folds, one model, one regime, one epoch."""
+  workdir = str(tmp_path_factory.mktemp('trained'))
+  cmd = [sys.executable, '-m', 'wbc_jax.main', '--config=configs/ablation.py:test',
+         f'--workdir={workdir}', f'--config.data.manual_dir={manual_dir}',
+         f'--config.data.data_dir={tfds_dir}', '--config.split.protocol=kfold',
+         '--config.split.folds=2', '--config.train.epochs=1',
+         '--config.ablation.models=("cnn",)', '--config.ablation.regimes=("original",)']
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return workdir
+
+
+@pytest.mark.slow
+def test_ablation_writes_the_report(trained):
+  with open(os.path.join(trained, 'REPORT.md')) as f:
+    markdown = f.read()
+  with open(os.path.join(trained, 'report', 'report.json')) as f:
+    data = json.load(f)
+  (cell,) = data['cells']
+  assert cell['splits'] == ['r0_k0', 'r0_k1'] and cell['pooled_n'] == 293
+  expected = _recompute_pooled(trained, cell, skm.balanced_accuracy_score)
+  pooled = cell['pooled']['balanced_accuracy']
+  assert pooled['point'] == pytest.approx(expected)
+  row = _row(markdown, 'frame', 'original', 'CNN')
+  assert f'| {report._ci_text(pooled)} |' in row
+  # The majority baseline: neutrophil, 174 of the 293 images.
+  assert row.endswith(f'| {report.pct(174 / 293)} | 25.0 |')
+  assert 'wbc_jax.main' in data['header']['command']
+  for path in (cell['figures']['confusion'], *cell['learning_curves'].values()):
+    assert os.path.getsize(os.path.join(trained, path)) > 0
