@@ -136,6 +136,36 @@ def test_conv3x3_implementations_match_flax_conv(padding, strides, size):
       np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4, err_msg=f'{impl}: {what}')
 
 
+@pytest.mark.parametrize('shape', [(2, 54, 74, 5), (2, 55, 75, 3)])
+def test_max_pool_matches_flax_max_pool_values_and_gradients(shape):
+  # Distinct random values: no tied maxima, where the two gradients may differ by design.
+  x = jax.random.normal(jax.random.PRNGKey(0), shape)
+  flax_pool = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2), padding='VALID')
+  np.testing.assert_array_equal(models._max_pool_2x2(x), flax_pool(x))
+  loss = lambda pool: lambda x: jnp.sum(jnp.sin(pool(x)))
+  np.testing.assert_allclose(jax.grad(loss(models._max_pool_2x2))(x),
+                             jax.grad(loss(flax_pool))(x), rtol=1e-6, atol=1e-6)
+
+
+def test_gan_convolutions_do_not_depend_on_conv_impl():
+  from wbc_jax.gan import models as gan_models
+  labels = jnp.array([0, 1, 3])
+  for g, d in [(gan_models.PaperGenerator(16, 20), gan_models.PaperDiscriminator()),
+               (gan_models.CondGenerator(16, 20, 4, channels=8),
+                gan_models.CondDiscriminator(4, channels=8))]:
+    z = jax.random.normal(jax.random.PRNGKey(0), (3, g.latent_dim))
+    g_vars = g.init(jax.random.PRNGKey(1), z, labels, train=False)
+    images = [g.clone(conv_impl=i).apply(g_vars, z, labels, train=False) for i in ('xla', 'matmul')]
+    np.testing.assert_allclose(images[0], images[1], rtol=1e-5, atol=1e-5)
+    d_vars = d.init(jax.random.PRNGKey(2), images[0], labels, train=False)
+    logits = [d.clone(conv_impl=i).apply(d_vars, images[0], labels, train=False)
+              for i in ('xla', 'matmul')]
+    np.testing.assert_allclose(logits[0], logits[1], rtol=1e-4, atol=1e-4)
+    # Named as the nn.Conv layers were, so GAN checkpoints keep loading.
+    convs = g_vars['params'] if 'Conv_1' in g_vars['params'] else g_vars['params']['GBlock_0']
+    assert convs['Conv_0']['kernel'].shape[:2] == (3, 3) and 'bias' in convs['Conv_1']
+
+
 def test_conv3x3_rejects_unknown_impl_and_padding():
   x = jnp.zeros((1, 5, 5, 2))
   with pytest.raises(ValueError, match="'cudnn'.*xla, matmul, auto"):

@@ -50,6 +50,9 @@ STEP_STREAMS = ('data', 'd_latent', 'd_augment_real', 'd_augment_fake',
 # length: they may change between a run and its resumption.
 _SCHEDULE_FIELDS = ('steps', 'log_every', 'sample_every', 'checkpoint_every',
                     'samples_per_class')
+# Fields a run may change on resumption: the schedule, and conv_impl, which changes how a
+# convolution is computed, not what (a run started on a GPU may finish on a CPU).
+_RESUMABLE_FIELDS = _SCHEDULE_FIELDS + ('conv_impl',)
 
 
 # ----------------------------------------------------------------------------
@@ -76,6 +79,7 @@ def default_gan_config(kind: str = 'paper') -> ml_collections.ConfigDict:
       fires on the last step (0 for sampling: never; 0 for checkpoints: only
       at the end).
     samples_per_class: columns of the sample grids.
+    conv_impl: 3x3 convolutions, 'auto' | 'xla' | 'matmul' (wbc_jax.models.Conv3x3).
   """
   if kind not in GAN_KINDS:
     raise ValueError(f'Unknown GAN kind {kind!r}; expected one of {GAN_KINDS}')
@@ -86,6 +90,7 @@ def default_gan_config(kind: str = 'paper') -> ml_collections.ConfigDict:
   c.sample_every = 500
   c.checkpoint_every = 500
   c.samples_per_class = 8
+  c.conv_impl = 'auto'  # 3x3 convolutions: see wbc_jax.models.Conv3x3
   if kind == 'paper':
     c.steps = 4000
     c.lr_g = 1e-4
@@ -133,13 +138,14 @@ def check_gan_config(config: ml_collections.ConfigDict) -> None:
 
 def build_models(config, height: int, width: int, num_classes: int):
   """(generator, discriminator) flax modules for ``config.kind``."""
+  impl = config.get('conv_impl', 'auto')
   if config.kind == 'paper':
-    return (models.PaperGenerator(height, width, latent_dim=config.latent_dim),
-            models.PaperDiscriminator())
+    return (models.PaperGenerator(height, width, latent_dim=config.latent_dim, conv_impl=impl),
+            models.PaperDiscriminator(conv_impl=impl))
   if config.kind == 'cond':
-    return (models.CondGenerator(height, width, num_classes,
-                                 latent_dim=config.latent_dim, channels=config.channels),
-            models.CondDiscriminator(num_classes, channels=config.channels))
+    return (models.CondGenerator(height, width, num_classes, latent_dim=config.latent_dim,
+                                 channels=config.channels, conv_impl=impl),
+            models.CondDiscriminator(num_classes, channels=config.channels, conv_impl=impl))
   raise ValueError(f'Unknown GAN kind {config.kind!r}; expected one of {GAN_KINDS}')
 
 
@@ -503,7 +509,7 @@ def _write_json_atomic(path: Path, obj) -> None:
 
 def _run_identity(config, images, labels, seeds, num_classes) -> dict:
   """What must not change between a run and its resumption."""
-  cfg = {k: v for k, v in config.to_dict().items() if k not in _SCHEDULE_FIELDS}
+  cfg = {k: v for k, v in config.to_dict().items() if k not in _RESUMABLE_FIELDS}
   digest = hashlib.sha1(np.ascontiguousarray(images, np.float32).tobytes())
   digest.update(np.ascontiguousarray(labels, np.int64).tobytes())
   return {'config': cfg, 'seeds': [int(s) for s in seeds], 'num_classes': int(num_classes),
