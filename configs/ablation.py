@@ -50,7 +50,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.crop_margin = 0.25
 
   c.split = ml_collections.ConfigDict()
-  c.split.protocol = 'kfold'  # 'holdout' | 'kfold' | 'paper' (leaky; GAN regimes only)
+  # 'holdout' | 'kfold' | 'paper': the published study's LEAKY pipeline, whose GAN regimes
+  # split a pool of real and synthetic images (see wbc_jax.ablation.paper_pool); its other
+  # regimes use the holdout split.
+  c.split.protocol = 'kfold'
   c.split.split_seed = 0
   c.split.test_fraction = 0.15
   c.split.val_fraction = 0.15
@@ -85,6 +88,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.synthetic = ml_collections.ConfigDict()
   c.synthetic.target_per_class = 300  # the paper's
   c.synthetic.gan_seed = 0            # one GAN per split, shared by the classifier seeds
+  # After the runs, measure each split's synthetic images (KID, FID, CAS, memorisation;
+  # wbc_jax.gan.measures) in the feature space of that split's 'original' CNN.
+  c.synthetic.measures = False
 
   c.ablation = ml_collections.ConfigDict()
   c.ablation.regimes = ('original', 'original+trad')

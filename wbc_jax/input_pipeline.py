@@ -17,6 +17,9 @@ and a fixed `split_seed` (numpy's legacy RandomState, stable across machines):
   holdout  15% test, then 15% of the rest validation (the paper's proportions).
   kfold    repeated stratified K-fold; validation is carved, stratified, from each
            training fold, never from the test fold.
+  paper    the holdout split, named 'paper'. The published study split its pool of real
+           and synthetic images this way (LEAKY: see `pool_with_synthetic` and
+           wbc_jax.ablation.paper_pool); on real images alone it is the holdout split.
 Training images can be topped up with extra (synthetic) images through `extra=`
 of `train_batches`; evaluation sets never receive them.
 """
@@ -42,14 +45,21 @@ FALLBACK_CROP_PX = 240
 
 @dataclasses.dataclass(frozen=True)
 class Examples:
-  """All examples of one view, in image_id order."""
+  """All examples of one view, in image_id order.
+
+  Real images only, except in the pool of the paper protocol (`pool_with_synthetic`),
+  whose `is_synthetic` marks the synthetic ones.
+  """
   images: np.ndarray      # uint8 [N, H, W, 3]
   labels: np.ndarray      # int32 [N]
-  image_ids: np.ndarray   # int32 [N]
+  image_ids: np.ndarray   # int32 [N]; str [N] in a pool with synthetic images
   class_names: tuple[str, ...]
+  is_synthetic: np.ndarray | None = None  # bool [N]; None: all real
 
   def take(self, index: np.ndarray) -> 'Examples':
-    return Examples(self.images[index], self.labels[index], self.image_ids[index], self.class_names)
+    synthetic = None if self.is_synthetic is None else self.is_synthetic[index]
+    return Examples(self.images[index], self.labels[index], self.image_ids[index],
+                    self.class_names, synthetic)
 
   def __len__(self) -> int:
     return len(self.labels)
@@ -156,6 +166,34 @@ def load_examples(data_config) -> Examples:
   return make_view(load_raw(data_config), data_config)
 
 
+def synthetic_image_ids(labels: np.ndarray, class_names) -> np.ndarray:
+  """Names of synthetic images, 'synthetic_<class>_<k>' with k counted per class. str [M]."""
+  labels = np.asarray(labels)
+  counter = {c: 0 for c in range(len(class_names))}
+  ids = []
+  for c in labels.tolist():
+    ids.append(f'synthetic_{class_names[c]}_{counter[c]}')
+    counter[c] += 1
+  return np.asarray(ids, dtype=str)
+
+
+def pool_with_synthetic(examples: Examples, images: np.ndarray, labels: np.ndarray) -> Examples:
+  """The real examples followed by synthetic ones (uint8 [M, H, W, 3], int [M]), one set.
+
+  Only the paper protocol splits such a pool (it puts synthetic images in every split);
+  image_ids become strings: the real ids in decimal, then `synthetic_image_ids`.
+  """
+  if examples.is_synthetic is not None:
+    raise ValueError('these examples already hold synthetic images')
+  return Examples(
+      images=np.concatenate([examples.images, images]),
+      labels=np.concatenate([examples.labels, np.asarray(labels, np.int32)]),
+      image_ids=np.concatenate([examples.image_ids.astype(str),
+                                synthetic_image_ids(labels, examples.class_names)]),
+      class_names=examples.class_names,
+      is_synthetic=np.concatenate([np.zeros(len(examples), bool), np.ones(len(labels), bool)]))
+
+
 # ----------------------------------------------------------------------------- splits
 
 
@@ -179,7 +217,9 @@ def make_splits(labels: np.ndarray, split_config) -> list[Split]:
     rest, test = train_test_split(index, test_size=split_config.test_fraction, stratify=labels,
                                   random_state=seed)
     train, val = carve_val(rest, 1)
-    return [Split('holdout', train, val, np.sort(test))]
+    # The paper protocol's split is the holdout one; named apart, its runs (and its GAN,
+    # trained on every image) never share a directory with honest ones.
+    return [Split(protocol, train, val, np.sort(test))]
   splitter = RepeatedStratifiedKFold(n_splits=split_config.folds, n_repeats=split_config.repeats,
                                      random_state=seed)
   splits = []
