@@ -270,8 +270,10 @@ def find_runs(workdir: str) -> list[Run]:
   for path in sorted(glob.glob(os.path.join(workdir, '*', '*', '*', '*', 'results.json'))):
     run_dir = os.path.dirname(path)
     view, split, regime_dir, model = os.path.relpath(run_dir, workdir).split(os.sep)
-    if regime_dir.startswith('gan_'):
-      continue  # a GAN's own classifier runs (e.g. gan_cond/cas/): not an ablation cell
+    if regime_dir.startswith('gan_') or regime_dir == 'measures':
+      # A GAN's own classifier runs (gan_cond/cas/) and the feature extractor of the
+      # synthetic-data measures (measures/feature_cnn/): not ablation cells.
+      continue
     results = utils.read_json(path)
     runs.append(Run(view=results.get('view', view), split=results.get('split', split),
                     regime=results.get('regime', regime_dir.replace('_', '+')),
