@@ -82,6 +82,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.checkpoint_every_epochs = 5
   c.train.log_test_every_epoch = True  # for curves only; selection never looks at test
 
+  # The device mesh (wbc_jax.sharding): the seeds are spread over `seed`, each seed's batch
+  # over `data`; -1 takes the remaining devices (of all processes). num_seeds must be a
+  # multiple of the seed size and train.batch_size of the data size.
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.seed = -1
+  c.mesh.data = 1
+
   # The GAN of the '+gan' regimes, trained inside each training split only (never on
   # validation or test images), then sampled to top every class up to the target.
   c.gan = gan_train.default_gan_config(gan_kind)

@@ -118,6 +118,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument('--peer_steps', type=int, default=2,
                  help='steps per side in each A/B repetition of the Keras comparison')
   p.add_argument('--out', default=DEFAULT_OUT, help='directory for benchmark.{json,md}')
+  p.add_argument('--devices', type=int, default=0,
+                 help='emulate this many CPU devices and split the S seeds of the classifier '
+                      'train step over them (see sharded_programs); 0: the real devices')
   args = p.parse_args(argv)
   unknown = sorted(set(args.models) - set(IMAGE_SHAPES))
   if unknown:
@@ -345,6 +348,47 @@ def build_programs(name: str, conv_impl: str):
   tx = train.make_optimizer(ml_collections.ConfigDict(
       {'optimizer': 'adam', 'learning_rate': 1e-3, 'weight_decay': 0.0}))
   return train.make_programs(model, tx, IMAGE_SHAPES[name])
+
+
+def emulate_cpu_devices(n: int) -> None:
+  """Makes the CPU backend show `n` devices; before anything has started it.
+
+  The emulated devices share this machine's cores: more devices only split the same
+  compute, so their figures show the cost of sharding, not a speed-up.
+  """
+  jax.config.update('jax_num_cpu_devices', n)
+  if jax.device_count() != n:
+    raise SystemExit(f'--devices={n}: the backend shows {jax.device_count()} devices '
+                     '(it was started before the flag could apply, or is not the CPU)')
+
+
+def sharded_programs(name: str, conv_impl: str, seeds: int):
+  """`build_programs` with the S seeds split over the devices along the mesh's seed axis.
+
+  The mesh takes the largest number of devices that divides S (S = 4 on 4 devices: one
+  seed per device; S = 1: one device), as `wbc_jax.sharding.check_divisible` requires.
+  """
+  from wbc_jax import models, sharding, train
+
+  devices = jax.devices()[:math.gcd(seeds, jax.device_count())]
+  model = models.get_model(name, num_classes=NUM_CLASSES, conv_impl=conv_impl)
+  tx = train.make_optimizer(ml_collections.ConfigDict(
+      {'optimizer': 'adam', 'learning_rate': 1e-3, 'weight_decay': 0.0}))
+  return train.make_programs(model, tx, IMAGE_SHAPES[name], sharding.make_mesh(None, devices))
+
+
+def count_all_devices(row: dict[str, Any], mesh) -> None:
+  """Records the mesh; FLOPs of all its devices, where XLA's cost analysis counts one.
+
+  A program split over devices is compiled once per device: its cost analysis, and so
+  the GFLOP/step, GFLOP/s and % of peak that `bench_classifier` derives, are one
+  device's share. Times and images/s are already the whole step's.
+  """
+  row['mesh'] = dict(mesh.shape)
+  for prefix in ('train', 'predict'):
+    for key in ('gflop_per_step', 'gflop_per_s', 'fraction_of_peak'):
+      if row.get(f'{prefix}_{key}') is not None:
+        row[f'{prefix}_{key}'] *= mesh.size
 
 
 def prepare_classifier(programs, seeds: int, batch: int, image_shape):
@@ -899,6 +943,8 @@ def to_markdown(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   args = parse_args(argv)
+  if args.devices:
+    emulate_cpu_devices(args.devices)
   argv = sys.argv[1:] if argv is None else argv
   command = 'python scripts/benchmark.py' + (' ' + shlex.join(argv) if argv else '')
   settings = thread_settings()
@@ -929,7 +975,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   for name in args.models:
     programs_of[name] = build_programs(name, args.conv_impl)
     for seeds in args.seeds:
-      rows.append(bench_classifier(name, programs_of[name], seeds, args, peak_gflops))
+      programs = (sharded_programs(name, args.conv_impl, seeds) if jax.device_count() > 1
+                  else programs_of[name])
+      rows.append(bench_classifier(name, programs, seeds, args, peak_gflops))
+      count_all_devices(rows[-1], programs.mesh)
       gc.collect()
       save(result, args.out)
   result['seed_scaling'] = {}

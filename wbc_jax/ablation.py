@@ -29,6 +29,7 @@ import numpy as np
 from wbc_jax import input_pipeline as ip
 from wbc_jax import metrics as metrics_lib
 from wbc_jax import models
+from wbc_jax import sharding
 from wbc_jax import train
 from wbc_jax import utils
 
@@ -74,7 +75,8 @@ def run(config, workdir: str, log: Callable = print) -> list[dict]:
   """Runs (or finishes) the whole ablation; returns one summary row per run."""
   validate(config)
   os.makedirs(workdir, exist_ok=True)
-  utils.write_atomic(os.path.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
+  if sharding.is_primary():  # one writer; with several processes all compute the same
+    utils.write_atomic(os.path.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
   t0 = time.time()
   jobs = []
   for view in config.ablation.views:
@@ -85,9 +87,10 @@ def run(config, workdir: str, log: Callable = print) -> list[dict]:
     splits = ip.make_splits(examples.labels, config.split)
     if config.split.max_splits > 0:
       splits = splits[:config.split.max_splits]
-    utils.write_json(os.path.join(workdir, view, 'splits.json'), {
-        s.name: {part: examples.image_ids[getattr(s, part)].tolist()
-                 for part in ('train', 'val', 'test')} for s in splits})
+    if sharding.is_primary():
+      utils.write_json(os.path.join(workdir, view, 'splits.json'), {
+          s.name: {part: examples.image_ids[getattr(s, part)].tolist()
+                   for part in ('train', 'val', 'test')} for s in splits})
     for split in splits:
       for regime in config.ablation.regimes:
         for model in config.ablation.models:
@@ -127,7 +130,8 @@ def run(config, workdir: str, log: Callable = print) -> list[dict]:
       results.update(view=view, regime=regime)
       if config.split.protocol == 'paper':
         results.update(paper_labels(rdir, run_examples, run_split))
-      utils.write_json(results_path, results)
+      if sharding.is_primary():
+        utils.write_json(results_path, results)
     rows.append(summary_row(results, view, regime))
     elapsed = time.time() - t0
     log(f'{tag}: test acc {rows[-1]["test_acc_mean"]:.3f} (ensemble {rows[-1]["test_acc_ens"]:.3f}),'
@@ -136,8 +140,9 @@ def run(config, workdir: str, log: Callable = print) -> list[dict]:
     from wbc_jax.gan import measures  # after every split's 'original' CNN has trained
     measures.measure_workdir(workdir, config=config, log=log)
   write_summary(workdir, rows, config)
-  from wbc_jax import report  # here: matplotlib and the statistics are not needed to train
-  report.write_report(workdir, command=report.invocation(), log=log)
+  if sharding.is_primary():  # the report reads results.json, which process 0 writes
+    from wbc_jax import report  # here: matplotlib and the statistics are not needed to train
+    report.write_report(workdir, command=report.invocation(), log=log)
   log(f'ablation done in {utils.format_duration(time.time() - t0)}: {os.path.join(workdir, "summary.md")}')
   return rows
 
@@ -263,6 +268,8 @@ def summary_row(results: dict, view: str, regime: str) -> dict:
 
 
 def write_summary(workdir: str, rows: list[dict], config) -> None:
+  if not sharding.is_primary():
+    return
   utils.write_json(os.path.join(workdir, 'summary.json'), rows)
   cols = ['view', 'split', 'regime', 'model', 'seeds', 'n_train', 'n_synthetic', 'n_test', 'test_acc_mean', 'test_acc_std',
           'test_bacc_mean', 'test_f1_mean', 'test_acc_ens', 'test_bacc_ens', 'val_acc_best',

@@ -6,6 +6,10 @@ initialisation, dropout, batch statistics and (through the input pipeline) its o
 order and augmentation draws. Randomness inside a step is
 `fold_in(state.rng, state.step)`, so a resumed run draws what an uninterrupted one does.
 
+The vmapped seed axis is split over the devices of `config.mesh` (`wbc_jax.sharding`):
+the programs are jitted with declared shardings, the state is created and restored
+already split, and each process feeds the seeds that its devices hold.
+
 Model selection follows the paper: per seed, the parameters of the epoch with the best
 validation accuracy (the first such epoch on ties) are kept in the state and are the
 ones tested. The test split is evaluated each epoch only for the curves.
@@ -31,6 +35,7 @@ import orbax.checkpoint as ocp
 from wbc_jax import input_pipeline as ip
 from wbc_jax import metrics as metrics_lib
 from wbc_jax import models
+from wbc_jax import sharding
 from wbc_jax import utils
 
 PyTree = Any
@@ -138,31 +143,68 @@ def select_best(state: TrainState, val_accuracy: jax.Array) -> TrainState:
 
 @dataclasses.dataclass
 class Programs:
-  """The jitted, seed-vmapped programs of one model (compiled once per shape)."""
+  """The jitted, seed-vmapped programs of one model (compiled once per shape) and their mesh.
+
+  Shardings (see `wbc_jax.sharding`): every state leaf [S, ...] and every per-seed output
+  over 'seed'; training batches [S, B, ...] over ('seed', 'data'); evaluation images
+  [B, H, W, 3] and class weights replicated (numpy is fine for those). Pass the seed keys
+  and batches as global arrays (`sharding.put`), the state as these programs return it.
+    init(keys [S, 2])                                 -> state
+    train_step(state, batch, class_weights [C])       -> state, {'loss', 'correct', 'count': [S]}
+    predict(params, batch_stats, images [B, H, W, 3]) -> probabilities [S, B, C]
+    select_best(state, val_accuracy [S])              -> state
+  The state is donated to train_step and select_best.
+  """
   init: Callable
   train_step: Callable
   predict: Callable
   select_best: Callable
+  mesh: jax.sharding.Mesh
+  seed_sharding: jax.sharding.NamedSharding
+  batch_sharding: jax.sharding.NamedSharding
 
 
 def make_programs(model: nn.Module, tx: optax.GradientTransformation,
-                  image_shape: tuple[int, int, int]) -> Programs:
+                  image_shape: tuple[int, int, int],
+                  mesh: jax.sharding.Mesh | None = None) -> Programs:
+  """The seed-vmapped programs on `mesh` (default: one device, a plain jit's layout)."""
+  mesh = sharding.single_device_mesh() if mesh is None else mesh
+  by_seed, by_seed_data = sharding.seed_sharding(mesh), sharding.batch_sharding(mesh)
+  everywhere = sharding.replicated(mesh)
+  # One sharding per argument is a pytree prefix: it applies to every leaf of the state.
   init = jax.jit(jax.vmap(functools.partial(create_train_state, model=model, tx=tx,
-                                            image_shape=image_shape)))
+                                            image_shape=image_shape)),
+                 in_shardings=by_seed, out_shardings=by_seed)
   step = jax.jit(jax.vmap(functools.partial(train_step, model=model, tx=tx), in_axes=(0, 0, None)),
-                 donate_argnums=0)
-  predict = jax.jit(jax.vmap(functools.partial(predict_step, model=model), in_axes=(0, 0, None)))
-  select = jax.jit(jax.vmap(select_best), donate_argnums=0)
-  return Programs(init, step, predict, select)
+                 in_shardings=(by_seed, by_seed_data, everywhere),
+                 out_shardings=(by_seed, by_seed), donate_argnums=0)
+  vmapped_predict = jax.vmap(functools.partial(predict_step, model=model), in_axes=(0, 0, None))
+
+  def predict_sharded(params, batch_stats, images):
+    if mesh.shape[sharding.DATA] > 1:
+      # The eval batch arrives whole on every device (numpy, any batch size); each
+      # device along 'data' keeps its rows, so the seeds' predictions split the work.
+      images = jax.lax.with_sharding_constraint(images, sharding.data_sharding(mesh))
+    return vmapped_predict(params, batch_stats, images)
+
+  predict = jax.jit(predict_sharded, in_shardings=(by_seed, by_seed, everywhere),
+                    out_shardings=by_seed)
+  select = jax.jit(jax.vmap(select_best), in_shardings=(by_seed, by_seed),
+                   out_shardings=by_seed, donate_argnums=0)
+  return Programs(init, step, predict, select, mesh, by_seed, by_seed_data)
 
 
 def predict_probs(predict: Callable, params: PyTree, batch_stats: PyTree, images: np.ndarray,
                   batch_size: int) -> np.ndarray:
-  """Exact masked evaluation: probabilities [S, N, C] of every example, once each."""
+  """Exact masked evaluation: probabilities [S, N, C] of every example, once each.
+
+  The padded rows of the last batch are dropped by the mask on the host, after the
+  probabilities are gathered whole: the count never depends on the mesh.
+  """
   outs = []
   for batch in ip.eval_batches(images, np.zeros(len(images), np.int32), batch_size):
     probs = predict(params, batch_stats, batch['image'])
-    outs.append(np.asarray(probs)[:, batch['mask']])
+    outs.append(sharding.to_host(probs)[:, batch['mask']])
   return np.concatenate(outs, axis=1)
 
 
@@ -206,17 +248,32 @@ def train_and_evaluate(config, workdir: str, *, examples: ip.Examples, split: ip
 
   Resumes from the latest checkpoint in `workdir/checkpoints`. Returns results.json's
   contents. `extra` is (uint8 images, labels) added to the training split only.
+
+  The seeds are spread over the devices of `config.mesh` (see `wbc_jax.sharding`):
+  config.num_seeds must be a multiple of the mesh's seed axis and train.batch_size of
+  its data axis, else a ValueError names the fields and the device count. With several
+  processes every process calls this with the same arguments and gets the same
+  results; process 0 alone writes the files (the checkpoints are written by all,
+  through Orbax).
   """
-  os.makedirs(workdir, exist_ok=True)
-  utils.write_atomic(os.path.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
   tc = config.train
   seeds = [config.seed + i for i in range(config.num_seeds)]
+  mesh = sharding.make_mesh(config.get('mesh'))  # configs from before the mesh: all on 'seed'
+  sharding.check_divisible(len(seeds), tc.batch_size, mesh)
+  write = sharding.is_primary()
+  os.makedirs(workdir, exist_ok=True)
+  if write:
+    utils.write_atomic(os.path.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
   num_classes = len(examples.class_names)
   image_shape = tuple(examples.images.shape[1:])
   train_x, train_y = examples.images[split.train], examples.labels[split.train]
   model = models.get_model(model_name, num_classes=num_classes, conv_impl=tc.conv_impl)
   tx = make_optimizer(tc)
-  programs = make_programs(model, tx, image_shape)
+  programs = make_programs(model, tx, image_shape, mesh)
+  # This process builds the batches of the seeds its devices hold, and only those: a
+  # seed's order and augmentation draws do not depend on the seeds beside it.
+  local_rows = sharding.local_seed_rows(programs.seed_sharding, len(seeds))
+  local_seeds = [seeds[i] for i in local_rows]
 
   n_train = len(train_y) + (0 if extra is None else len(extra[1]))
   all_train_y = train_y if extra is None else np.concatenate([train_y, extra[1]])
@@ -225,37 +282,42 @@ def train_and_evaluate(config, workdir: str, *, examples: ip.Examples, split: ip
   if tc.max_steps_per_epoch > 0:
     steps = min(steps, tc.max_steps_per_epoch)
 
-  state = programs.init(seed_keys(seeds))
+  keys = sharding.put(np.asarray(seed_keys(seeds)), programs.seed_sharding)
   history: list[dict] = []
   manager = ocp.CheckpointManager(
       os.path.abspath(os.path.join(workdir, 'checkpoints')),
       options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
   start_epoch = 0
   if manager.latest_step() is not None:
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    # Restored straight into the mesh's layout, whatever the layout it was saved from.
+    abstract = sharding.abstract_like(jax.eval_shape(programs.init, keys), programs.seed_sharding)
     restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
     state, history = restored['state'], restored['meta']['history']
-    start_epoch = int(np.asarray(state.epoch)[0])
+    start_epoch = int(sharding.to_host(state.epoch)[0])
     log(f'  resumed from epoch {start_epoch} ({workdir})')
+  else:
+    state = programs.init(keys)
 
   eval_sets = {'train': (train_x, train_y),
                'val': (examples.images[split.val], examples.labels[split.val])}
   if tc.log_test_every_epoch:
     eval_sets['test'] = (examples.images[split.test], examples.labels[split.test])
 
-  tb = _tensorboard_writers(workdir, seeds)
+  tb = _tensorboard_writers(workdir, seeds) if write else []
   t_start = time.time()
   for epoch in range(start_epoch, tc.epochs):
     t0 = time.time()
     step_metrics = []
-    batches = ip.train_batches(train_x, train_y, seeds=seeds, epoch=epoch,
+    batches = ip.train_batches(train_x, train_y, seeds=local_seeds, epoch=epoch,
                                batch_size=tc.batch_size, aug=config.augment, augment=augment,
                                extra=extra, max_steps=steps)
     for batch in batches:
+      batch = {k: sharding.put_seed_rows(v, local_rows, programs.batch_sharding, len(seeds))
+               for k, v in batch.items()}
       state, m = programs.train_step(state, batch, class_weights)
       step_metrics.append(m)
-    m = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *step_metrics)
+    m = jax.tree.map(lambda *xs: np.stack(xs), *sharding.to_host(step_metrics))
     bad = ~np.isfinite(m['loss'])
     if bad.any():
       first = int(np.argwhere(bad.any(axis=1))[0, 0])
@@ -273,7 +335,8 @@ def train_and_evaluate(config, workdir: str, *, examples: ip.Examples, split: ip
                             tc.eval_batch_size)
       row[f'{name}_loss'] = _nll(y, probs).tolist()
       row[f'{name}_acc'] = (probs.argmax(-1) == y[None]).mean(axis=1).tolist()
-    state = programs.select_best(state, jnp.asarray(row['val_acc'], jnp.float32))
+    state = programs.select_best(
+        state, sharding.put(np.asarray(row['val_acc'], np.float32), programs.seed_sharding))
     epoch_secs = time.time() - t0
     row.update(seconds=epoch_secs, train_images_per_second=steps * tc.batch_size * len(seeds)
                / max(train_secs, 1e-9))
@@ -294,16 +357,18 @@ def train_and_evaluate(config, workdir: str, *, examples: ip.Examples, split: ip
   manager.close()
   for w in tb:
     w.close()
-  utils.write_jsonl(os.path.join(workdir, 'metrics.jsonl'), history)
+  if write:
+    utils.write_jsonl(os.path.join(workdir, 'metrics.jsonl'), history)
 
   # Final evaluation of each seed's selected parameters.
   eval_final = {'train': (train_x, train_y),
                 'val': (examples.images[split.val], examples.labels[split.val]),
                 'test': (examples.images[split.test], examples.labels[split.test])}
+  best_epoch, best_val_accuracy = sharding.to_host((state.best_epoch, state.best_val_accuracy))
   results = {'model': model_name, 'split': split.name, 'seeds': seeds,
-             'best_epoch': np.asarray(state.best_epoch).tolist(),
-             'best_val_accuracy': np.asarray(state.best_val_accuracy).tolist(),
-             'num_params': models.count_params(jax.tree.map(lambda x: x[0], state.params)),
+             'best_epoch': best_epoch.tolist(),
+             'best_val_accuracy': best_val_accuracy.tolist(),
+             'num_params': models.count_params(state.params) // len(seeds),
              'n_train_real': len(train_y), 'n_train_extra': 0 if extra is None else len(extra[1]),
              'class_names': list(examples.class_names),
              'train_seconds': float(sum(r['seconds'] for r in history)),
@@ -319,8 +384,9 @@ def train_and_evaluate(config, workdir: str, *, examples: ip.Examples, split: ip
                      f'{name}_image_ids': examples.image_ids[idx]})
   results['majority_baseline'] = metrics_lib.majority_baseline(
       train_y, examples.labels[split.test], num_classes)
-  np.savez(os.path.join(workdir, 'predictions.npz'), **arrays)
-  _write_figures(workdir, history, results, examples.class_names)
+  if write:
+    np.savez(os.path.join(workdir, 'predictions.npz'), **arrays)
+    _write_figures(workdir, history, results, examples.class_names)
   return results
 
 
