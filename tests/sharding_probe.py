@@ -5,8 +5,8 @@ before jax is imported); prints one JSON object describing where the arrays live
 
 RUN_DIR: a finished 4-seed cnn run of configs/ablation.py:test on the default mesh.
 Checks: the checkpoint restores into the seed-sharded layout; a train step keeps it;
-batches are split over ('seed', 'data'); a ('seed', 'data') = (2, 2) mesh trains like
-(4, 1); a seed count the mesh cannot split is refused.
+batches are split over ('seed', 'data'); a ('seed', 'data') = (2, 2) mesh trains and
+predicts like (4, 1); a seed count the mesh cannot split is refused.
 """
 
 import json
@@ -63,7 +63,7 @@ def main(run_dir: str) -> dict:
   out['metrics'] = layout(metrics)
 
   # Data parallelism: (seed, data) = (2, 2) against (4, 1), from the same initial state.
-  losses, params = {}, {}
+  losses, params, probs = {}, {}, {}
   data_mesh = sharding.make_mesh(ml_collections.ConfigDict({'seed': 2, 'data': 2}))
   for name, p in {'seed4': programs,
                   'seed2_data2': train.make_programs(model, tx, image_shape, data_mesh)}.items():
@@ -75,6 +75,9 @@ def main(run_dir: str) -> dict:
       run.append(sharding.to_host(mt['loss']).tolist())
     losses[name] = run
     params[name] = sharding.to_host(s.params)
+    # Evaluation batches of any size, split along 'data' inside the program; 5 rows do
+    # not split evenly over 2 devices.
+    probs[name] = sharding.to_host(p.predict(s.params, s.batch_stats, batch['image'][0, :5]))
     if name == 'seed2_data2':
       out['data_parallel_batch'] = layout(b)
       out['data_parallel_state'] = layout(s)
@@ -84,6 +87,8 @@ def main(run_dir: str) -> dict:
       lambda a, b: float(np.max(np.abs(a - b)) / (np.max(np.abs(a)) + 1e-12)),
       params['seed4'], params['seed2_data2']))
   out['params_max_rel_diff'] = max(diffs)
+  out['predict_shape'] = list(probs['seed2_data2'].shape)
+  out['predict_max_abs_diff'] = float(np.max(np.abs(probs['seed4'] - probs['seed2_data2'])))
 
   try:
     sharding.check_divisible(3, config.train.batch_size, mesh)

@@ -83,7 +83,10 @@ def test_state_is_sharded_and_restored_sharded(four_devices):
   assert probe['data_parallel_state']['specs'] == ["('seed',)"]
   np.testing.assert_allclose(probe['losses']['seed2_data2'], probe['losses']['seed4'],
                              rtol=RTOL)
+  # Adam's first steps amplify last-bit gradient differences (see compare_runs.py).
   assert probe['params_max_rel_diff'] < 1e-3
+  assert probe['predict_shape'] == [4, 5, 4]
+  assert probe['predict_max_abs_diff'] < 1e-4
   message = probe['indivisible_error']
   assert 'config.num_seeds=3' in message and 'config.mesh.seed=4' in message
   assert '4 devices' in message
