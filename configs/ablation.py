@@ -9,6 +9,8 @@ Variants (the argument after the colon):
           4 seeds, both paper models, frame view. Hours on a 2-core CPU.
   quick   the same ablation shrunk for a 2-core CPU: holdout split, 2 seeds,
           6 epochs, both views. Minutes.
+  study   the recorded study (experiments/study): 3-fold CV, 2 seeds, 25 epochs,
+          all four regimes (conditional GAN), 32 px crops then 60x80 frames.
   test    seconds: the whole (small) dataset at 24x32, 2 epochs of 2 steps, 2 seeds.
           For the test suite.
 
@@ -29,11 +31,11 @@ REGIMES = ('original', 'original+trad', 'original+gan', 'original+gan+trad')
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """arg: '[full|quick|test][,paper_gan]', e.g. 'quick' or 'quick,paper_gan'."""
   tokens = [t for t in (arg or '').split(',') if t]
-  variants = [t for t in tokens if t in ('full', 'quick', 'test')]
-  unknown = [t for t in tokens if t not in ('full', 'quick', 'test', 'paper_gan')]
+  variants = [t for t in tokens if t in ('full', 'quick', 'study', 'test')]
+  unknown = [t for t in tokens if t not in ('full', 'quick', 'study', 'test', 'paper_gan')]
   if unknown or len(variants) > 1:
     raise ValueError(f"configs/ablation.py: bad argument {arg!r}; expected one of '', 'quick', "
-                     "'test', optionally followed by ',paper_gan'.")
+                     "'study', 'test', optionally followed by ',paper_gan'.")
   variant = variants[0] if variants else 'full'
   gan_kind = 'paper' if 'paper_gan' in tokens else 'cond'
   c = ml_collections.ConfigDict()
@@ -81,6 +83,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.conv_impl = 'auto'  # 'auto' | 'xla' | 'matmul' (see wbc_jax.models.Conv3x3)
   c.train.checkpoint_every_epochs = 5
   c.train.log_test_every_epoch = True  # for curves only; selection never looks at test
+  c.train.eval_train_every_epoch = True  # train-image curves (costly at 60x80)
+  # Steps per epoch: 'all' = one pass over real + synthetic training images (the paper's);
+  # 'real' = one pass's worth of the real images, drawn from the whole pool, so every regime
+  # gets the same number of updates.
+  c.train.steps_per_epoch_basis = 'all'
 
   # The device mesh (wbc_jax.sharding): the seeds are spread over `seed`, each seed's batch
   # over `data`; -1 takes the remaining devices (of all processes). num_seeds must be a
@@ -110,6 +117,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.epochs = 6
     c.train.checkpoint_every_epochs = 2
     c.ablation.views = ('frame', 'crop')
+    with c.gan.unlocked():
+      c.gan.steps = 300
+      c.gan.log_every = 50
+      c.gan.sample_every = 100
+      c.gan.checkpoint_every = 100
+  elif variant == 'study':
+    # The recorded study on a 2-core CPU: 3-fold CV on the 32 px crop view (a 60x80
+    # training step of the paper's CNN costs ~5x more), then the frame view. Every regime
+    # gets the same number of updates ('real' basis); per-epoch curves only on validation.
+    c.num_seeds = 2
+    c.split.folds = 3
+    c.data.crop_size = 32
+    c.train.epochs = 25
+    c.train.steps_per_epoch_basis = 'real'
+    c.train.eval_train_every_epoch = False
+    c.train.log_test_every_epoch = False
+    c.ablation.regimes = REGIMES
+    c.ablation.views = ('crop', 'frame')
     with c.gan.unlocked():
       c.gan.steps = 300
       c.gan.log_every = 50

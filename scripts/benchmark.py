@@ -492,9 +492,11 @@ def gan_api() -> tuple[Any, str | None]:
   return gan_train, None
 
 
-def gan_config(gan_train, kind: str, batch: int):
+def gan_config(gan_train, kind: str, batch: int, conv_impl: str = 'auto'):
   config = gan_train.default_gan_config(kind)
   config.batch_size = batch
+  if 'conv_impl' in config:
+    config.conv_impl = conv_impl
   return config
 
 
@@ -526,14 +528,14 @@ def gan_params(state) -> int:
 
 
 @functools.cache
-def gan_program(gan_train, kind: str, batch: int):
+def gan_program(gan_train, kind: str, batch: int, conv_impl: str = 'auto'):
   """(config, jitted step) of one GAN kind, made once so that its compilations are reused."""
-  config = gan_config(gan_train, kind, batch)
+  config = gan_config(gan_train, kind, batch, conv_impl)
   return config, make_gan_step(gan_train, config)
 
 
 def bench_gan(gan_train, kind: str, seeds: int, args, peak: float) -> dict[str, Any]:
-  config, step = gan_program(gan_train, kind, args.batch)
+  config, step = gan_program(gan_train, kind, args.batch, args.conv_impl)
   state = init_gan(gan_train, config, seeds)
   data = make_batch(seeds, args.batch, GAN_IMAGE_SHAPE, seed=1)
   real = jax.device_put(data['image'] * 2.0 - 1.0)  # the GANs work in [-1, 1]
@@ -771,7 +773,7 @@ def bench_keras_gan(gan_train, args) -> dict[str, Any]:
 
   keras.utils.set_random_seed(0)
   height, width, _ = GAN_IMAGE_SHAPE
-  config, step = gan_program(gan_train, 'paper', args.batch)
+  config, step = gan_program(gan_train, 'paper', args.batch, args.conv_impl)
   state = init_gan(gan_train, config, 1)
   wbc_params = gan_params(state)
   data = make_batch(1, args.batch, GAN_IMAGE_SHAPE, seed=1)

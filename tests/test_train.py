@@ -220,3 +220,19 @@ def test_gan_regime_keeps_synthetic_images_out_of_evaluation(test_config, tmp_pa
                                'predictions.npz'))
   np.testing.assert_array_equal(preds['test_image_ids'], examples.image_ids[split.test])
   np.testing.assert_array_equal(preds['val_image_ids'], examples.image_ids[split.val])
+
+
+def test_epoch_steps_basis_all_counts_synthetic_images_and_real_does_not():
+  import ml_collections
+  from wbc_jax import train
+  tc = ml_collections.ConfigDict({'batch_size': 32, 'max_steps_per_epoch': -1,
+                                  'steps_per_epoch_basis': 'all'})
+  assert train.epoch_steps(tc, num_real=165, num_extra=1035) == 38  # ceil(1200 / 32)
+  tc.steps_per_epoch_basis = 'real'
+  assert train.epoch_steps(tc, num_real=165, num_extra=1035) == 6   # ceil(165 / 32)
+  assert train.epoch_steps(tc, num_real=165, num_extra=0) == 6
+  tc.max_steps_per_epoch = 4
+  assert train.epoch_steps(tc, num_real=165, num_extra=1035) == 4
+  tc.steps_per_epoch_basis = 'synthetic'
+  with pytest.raises(ValueError, match='steps_per_epoch_basis'):
+    train.epoch_steps(tc, num_real=165, num_extra=0)

@@ -238,6 +238,26 @@ def _nll(labels, probs):
   return -np.log(np.clip(p, 1e-12, 1.0)).mean(axis=1)
 
 
+def epoch_steps(train_config, *, num_real: int, num_extra: int) -> int:
+  """Optimizer steps per epoch of one seed.
+
+  train_config.steps_per_epoch_basis: 'all' (the paper's) makes an epoch one pass over the
+  real and synthetic training images; 'real' makes it as many steps as one pass over the real
+  images, each epoch's batches drawn from a fresh permutation of the whole pool, so a regime
+  with synthetic images gets the same number of updates as one without ('all' gives a class
+  topped up to 300 images about five times more). max_steps_per_epoch > 0 caps either.
+  """
+  basis = train_config.get('steps_per_epoch_basis', 'all')
+  if basis not in ('all', 'real'):
+    raise ValueError(f"config.train.steps_per_epoch_basis: unknown value {basis!r}; expected "
+                     "'all' or 'real'.")
+  n = num_real + num_extra if basis == 'all' else num_real
+  steps = ip.steps_per_epoch(n, train_config.batch_size)
+  if train_config.max_steps_per_epoch > 0:
+    steps = min(steps, train_config.max_steps_per_epoch)
+  return steps
+
+
 class NonFiniteLossError(FloatingPointError):
   pass
 
@@ -278,9 +298,7 @@ def train_and_evaluate(config, workdir: str, *, examples: ip.Examples, split: ip
   n_train = len(train_y) + (0 if extra is None else len(extra[1]))
   all_train_y = train_y if extra is None else np.concatenate([train_y, extra[1]])
   class_weights = class_weights_for(all_train_y, num_classes, tc.class_weighting)
-  steps = ip.steps_per_epoch(n_train, tc.batch_size)
-  if tc.max_steps_per_epoch > 0:
-    steps = min(steps, tc.max_steps_per_epoch)
+  steps = epoch_steps(tc, num_real=len(train_y), num_extra=n_train - len(train_y))
 
   keys = sharding.put(np.asarray(seed_keys(seeds)), programs.seed_sharding)
   history: list[dict] = []
@@ -299,8 +317,11 @@ def train_and_evaluate(config, workdir: str, *, examples: ip.Examples, split: ip
   else:
     state = programs.init(keys)
 
-  eval_sets = {'train': (train_x, train_y),
-               'val': (examples.images[split.val], examples.labels[split.val])}
+  # Validation is needed every epoch (model selection); the train and test curves are
+  # optional, and evaluating the training images costs as much as a third of an epoch.
+  eval_sets = {'val': (examples.images[split.val], examples.labels[split.val])}
+  if tc.get('eval_train_every_epoch', True):
+    eval_sets = {'train': (train_x, train_y), **eval_sets}
   if tc.log_test_every_epoch:
     eval_sets['test'] = (examples.images[split.test], examples.labels[split.test])
 
@@ -347,7 +368,8 @@ def train_and_evaluate(config, workdir: str, *, examples: ip.Examples, split: ip
     log(f'  epoch {epoch + 1:3d}/{tc.epochs}  {epoch_secs:5.1f}s  '
         f'{row["train_images_per_second"]:6.1f} img/s  '
         f'loss {np.mean(row["train_aug_loss"]):.3f}  '
-        f'train {np.mean(row["train_acc"]):.3f}  val {np.mean(row["val_acc"]):.3f}  '
+        f'train {np.mean(row.get("train_acc", row["train_aug_acc"])):.3f}  '
+        f'val {np.mean(row["val_acc"]):.3f}  '
         f'ETA {utils.format_duration(eta)}')
     last = epoch + 1 == tc.epochs
     if last or (epoch + 1) % tc.checkpoint_every_epochs == 0:
