@@ -236,3 +236,15 @@ def test_epoch_steps_basis_all_counts_synthetic_images_and_real_does_not():
   tc.steps_per_epoch_basis = 'synthetic'
   with pytest.raises(ValueError, match='steps_per_epoch_basis'):
     train.epoch_steps(tc, num_real=165, num_extra=0)
+
+
+def test_gan_regimes_refuse_several_processes(test_config, monkeypatch):
+  from wbc_jax import sharding
+  config = test_config.copy_and_resolve_references()
+  with config.unlocked():
+    config.ablation.regimes = ('original', 'original+gan')
+  monkeypatch.setattr(sharding, 'process_count', lambda: 2)
+  with pytest.raises(ValueError, match='original\\+gan: GAN training runs in one process only'):
+    ablation.validate(config)
+  monkeypatch.setattr(sharding, 'process_count', lambda: 1)
+  ablation.validate(config)

@@ -65,6 +65,15 @@ def validate(config) -> None:
                      f'expected one of {", ".join(ip.PROTOCOLS)}.')
   if config.num_seeds < 1:
     raise ValueError(f'config.num_seeds must be >= 1, got {config.num_seeds}.')
+  gan_work = [r for r in config.ablation.regimes if uses_gan(r)]
+  if config.synthetic.get('measures', False):
+    gan_work.append('synthetic.measures')
+  if gan_work and sharding.process_count() > 1:
+    # GAN training and the measures are single-process code: under several processes each
+    # would train the same GAN and write the same files. Refuse rather than race.
+    raise ValueError(f'{", ".join(gan_work)}: GAN training runs in one process only; this run '
+                     f'has {sharding.process_count()} processes. Run the GAN regimes (or the '
+                     'measures) in one process, or drop them from config.ablation.regimes.')
 
 
 def run_dir(workdir: str, view: str, split: str, regime: str, model: str) -> str:

@@ -862,8 +862,9 @@ def _section_figures(cells: Sequence[dict], gans: Sequence[dict]) -> str:
       out += [f'![samples]({s})' for s in g['samples']] or ['No sample grid.']
       out.append('')
       if g['figures']:
-        out += ['Figures: ' + ' · '.join(f'[{os.path.basename(f)}]({f})' for f in g['figures']),
-                '']
+        out += ['Figures (they show real cells beside synthetic ones, so they stay in the work '
+                'directory and are left out of published copies of this report): '
+                + ' · '.join(f'[{os.path.basename(f)}]({f})' for f in g['figures']), '']
       if g['measures']:
         shown = {k: v for k, v in g['measures'].items() if k in HEADLINE_MEASURES}
         if not shown:  # a layout this report does not know: show every scalar

@@ -100,6 +100,10 @@ def is_primary() -> bool:
   return jax.process_index() == 0
 
 
+def process_count() -> int:
+  return jax.process_count()
+
+
 # ----------------------------------------------------------------------------- mesh
 
 
