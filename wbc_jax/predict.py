@@ -17,7 +17,6 @@ import sys
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import app
 from absl import flags
 from absl import logging
@@ -52,14 +51,11 @@ def load_run(run_dir: str):
   model = models.get_model(results['model'], num_classes=len(class_names),
                            conv_impl=config.train.conv_impl)
   programs = train.make_programs(model, train.make_optimizer(config.train), image_shape)
-  abstract = jax.eval_shape(programs.init, train.seed_keys(results['seeds']))
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract)
-  with ocp.CheckpointManager(os.path.abspath(os.path.join(run_dir, 'checkpoints'))) as manager:
-    step = manager.latest_step()
-    if step is None:
-      raise PredictError(f'{run_dir}/checkpoints: no checkpoint to load.')
-    state = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract)))['state']
+  try:
+    state = train.restore_run_state(
+        run_dir, jax.eval_shape(programs.init, train.seed_keys(results['seeds'])))
+  except FileNotFoundError as e:
+    raise PredictError(str(e)) from e
 
   def predict(images_uint8: np.ndarray) -> np.ndarray:
     probs = train.predict_probs(programs.predict, state.best_params, state.best_batch_stats,

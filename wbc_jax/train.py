@@ -412,6 +412,21 @@ def train_and_evaluate(config, workdir: str, *, examples: ip.Examples, split: ip
   return results
 
 
+def restore_run_state(run_dir: str, abstract_state: PyTree) -> PyTree:
+  """The TrainState [S, ...] of a run directory's latest checkpoint.
+
+  abstract_state: the state's shapes (e.g. `jax.eval_shape` of the vmapped init), with or
+  without shardings. Raises FileNotFoundError naming the directory when there is no checkpoint.
+  """
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+  with ocp.CheckpointManager(os.path.abspath(os.path.join(run_dir, 'checkpoints'))) as manager:
+    step = manager.latest_step()
+    if step is None:
+      raise FileNotFoundError(f'{run_dir}/checkpoints: no checkpoint to load.')
+    return manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract)))['state']
+
+
 def _tensorboard_writers(workdir, seeds):
   try:
     from tensorboardX import SummaryWriter

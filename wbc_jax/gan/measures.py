@@ -53,7 +53,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 import scipy.linalg
 from scipy.spatial import distance
 
@@ -206,14 +205,7 @@ def restore_seed0(run_dir: str) -> tuple[nn.Module, dict]:
   init = jax.vmap(functools.partial(train.create_train_state, model=model,
                                     tx=train.make_optimizer(config.train),
                                     image_shape=tuple(image_shape)))
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
-                          jax.eval_shape(init, train.seed_keys(results['seeds'])))
-  with ocp.CheckpointManager(os.path.abspath(os.path.join(run_dir, 'checkpoints'))) as manager:
-    step = manager.latest_step()
-    if step is None:
-      raise FileNotFoundError(f'{run_dir}/checkpoints: no checkpoint to load.')
-    state = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract)))['state']
+  state = train.restore_run_state(run_dir, jax.eval_shape(init, train.seed_keys(results['seeds'])))
   seed0 = lambda tree: jax.tree.map(lambda a: np.asarray(a[0]), tree)
   variables = {'params': seed0(state.best_params)}
   if state.best_batch_stats:
