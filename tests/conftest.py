@@ -3,6 +3,7 @@
 import os
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,3 +43,18 @@ def test_config(manual_dir, tfds_dir):
     config.data.manual_dir = manual_dir
     config.data.data_dir = tfds_dir
   return config
+
+
+@pytest.fixture
+def evaluated_images(monkeypatch):
+  """Every image array `train.predict_probs` is given during the test (evaluation sees these)."""
+  from wbc_jax import train
+  evaluated = []
+  real_predict = train.predict_probs
+
+  def recording_predict(predict, params, batch_stats, images, batch_size):
+    evaluated.append(np.array(images))
+    return real_predict(predict, params, batch_stats, images, batch_size)
+
+  monkeypatch.setattr(train, 'predict_probs', recording_predict)
+  return evaluated

@@ -12,7 +12,6 @@ import pytest
 
 from wbc_jax import ablation
 from wbc_jax import input_pipeline as ip
-from wbc_jax import train
 from wbc_jax.gan import train as gan_train
 
 
@@ -130,17 +129,10 @@ def test_paper_protocol_tests_on_synthetic_images_and_says_so(test_config, tmp_p
 
 
 def test_kfold_gan_regime_keeps_synthetic_images_out_of_evaluation(test_config, tmp_path,
-                                                                   fake_gan, monkeypatch):
+                                                                   fake_gan, evaluated_images):
   """The holdout case is tests/test_train.py's; here a k-fold split, whose GAN sees that
   fold's training images only."""
-  evaluated = []
-  real_predict = train.predict_probs
-
-  def recording_predict(predict, params, batch_stats, images, batch_size):
-    evaluated.append(np.array(images))
-    return real_predict(predict, params, batch_stats, images, batch_size)
-
-  monkeypatch.setattr(train, 'predict_probs', recording_predict)
+  evaluated = evaluated_images
   config = _config(test_config, 'kfold', ('original+gan',))
   with config.unlocked():
     config.split.max_splits = 1

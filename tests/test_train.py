@@ -185,16 +185,10 @@ def test_predict_missing_run_dir_is_clear(tmp_path):
   assert proc.returncode == 2 and 'no config.json' in proc.stderr
 
 
-def test_gan_regime_keeps_synthetic_images_out_of_evaluation(test_config, tmp_path, monkeypatch):
+def test_gan_regime_keeps_synthetic_images_out_of_evaluation(test_config, tmp_path,
+                                                            evaluated_images):
   """The '+gan' regime trains on synthetic images; no evaluation ever sees one."""
-  evaluated = []
-  real_predict = train.predict_probs
-
-  def recording_predict(predict, params, batch_stats, images, batch_size):
-    evaluated.append(np.array(images))
-    return real_predict(predict, params, batch_stats, images, batch_size)
-
-  monkeypatch.setattr(train, 'predict_probs', recording_predict)
+  evaluated = evaluated_images
   config = test_config.copy_and_resolve_references()
   with config.unlocked():
     config.ablation.models = ('cnn',)
