@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score
 
-from wbc_jax import metrics, plots, stats
+from wbc_jax import metrics, plots, stats, utils
 
 CLASS_NAMES = ('EOSINOPHIL', 'LYMPHOCYTE', 'MONOCYTE', 'NEUTROPHIL')
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
@@ -244,3 +244,15 @@ def test_plots_write_png(tmp_path):
   assert_png(tmp_path / 'grid.png')
   plots.save_image_grid((floats * 255).astype(np.uint8), tmp_path / 'grid_u8.png', nrow=5)
   assert_png(tmp_path / 'grid_u8.png')
+
+
+def test_format_duration_and_atomic_json(tmp_path):
+  assert utils.format_duration(5.4) == '5s'
+  assert utils.format_duration(125) == '2m05s'
+  assert utils.format_duration(3723) == '1h02m03s'
+  assert utils.format_duration(float('inf')) == '?'
+  assert utils.format_duration(float('nan')) == '?'
+  path = tmp_path / 'sub' / 'x.json'
+  utils.write_json(str(path), {'a': np.float32(0.5), 'b': (1, 2), 'c': np.arange(2)})
+  assert json.loads(path.read_text()) == {'a': 0.5, 'b': [1, 2], 'c': [0, 1]}
+  assert [p.name for p in path.parent.iterdir()] == ['x.json']  # no temporary file left

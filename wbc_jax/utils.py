@@ -56,6 +56,9 @@ def write_jsonl(path: str, rows: list[dict]) -> None:
 
 
 def format_duration(seconds: float) -> str:
+  """'1h02m03s', '2m03s' or '3s'; '?' for an unknown (non-finite) time."""
+  if not np.isfinite(seconds):
+    return '?'
   seconds = max(0, int(round(seconds)))
   h, rem = divmod(seconds, 3600)
   m, s = divmod(rem, 60)

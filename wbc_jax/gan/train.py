@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from wbc_jax import utils
 from wbc_jax.gan import diffaug
 from wbc_jax.gan import losses
 from wbc_jax.gan import models
@@ -501,12 +501,6 @@ def _is_time(step: int, every: int, total: int) -> bool:
   return step == total or (every > 0 and step % every == 0)
 
 
-def _write_json_atomic(path: Path, obj) -> None:
-  tmp = path.with_name(path.name + '.tmp')
-  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-  os.replace(tmp, path)
-
-
 def _run_identity(config, images, labels, seeds, num_classes) -> dict:
   """What must not change between a run and its resumption."""
   cfg = {k: v for k, v in config.to_dict().items() if k not in _RESUMABLE_FIELDS}
@@ -524,17 +518,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
   if not path.exists():
     return
   lines = [l for l in path.read_text().splitlines() if l and json.loads(l)['step'] <= step]
-  tmp = path.with_name(path.name + '.tmp')
-  tmp.write_text(''.join(l + '\n' for l in lines))
-  os.replace(tmp, path)
-
-
-def _format_duration(seconds: float) -> str:
-  if not math.isfinite(seconds):
-    return '?'
-  m, s = divmod(int(seconds + 0.5), 60)
-  h, m = divmod(m, 60)
-  return f'{h}h{m:02d}m{s:02d}s' if h else f'{m}m{s:02d}s'
+  utils.write_atomic(str(path), ''.join(l + '\n' for l in lines))
 
 
 def _write_samples(path: Path, state, config, *, height, width, num_classes) -> None:
@@ -579,7 +563,7 @@ def train_gans(config, images: np.ndarray, labels: np.ndarray, *, num_classes: i
       raise ValueError(f'{workdir} holds a run with a different config, seeds or data; '
                        f'use another workdir. Stored: {previous}')
   else:
-    _write_json_atomic(run_file, identity)
+    utils.write_json(str(run_file), identity)
 
   keys, class_index = member_layout(config, seeds, num_classes)
   static_config = model_config(config)
@@ -630,7 +614,7 @@ def train_gans(config, images: np.ndarray, labels: np.ndarray, *, num_classes: i
         # Mean ± spread over the stacked GANs; per-GAN values go to metrics.jsonl.
         summary = '  '.join(f'{k} {np.mean(metrics[k]):+.4f}±{np.std(metrics[k]):.4f}'
                             for k in shown)
-        speed = f'{rate:.3f} steps/s  ETA {_format_duration(eta)}' if rate > 0 else 'compiled'
+        speed = f'{rate:.3f} steps/s  ETA {utils.format_duration(eta)}' if rate > 0 else 'compiled'
         log(f'step {done}/{config.steps}  {summary}  {speed}')
         with open(workdir / 'metrics.jsonl', 'a') as f:
           f.write(json.dumps({'step': done, **{k: np.asarray(v).tolist()
@@ -641,7 +625,7 @@ def train_gans(config, images: np.ndarray, labels: np.ndarray, *, num_classes: i
       if _is_time(done, config.checkpoint_every, config.steps):
         mngr.save(done, args=ocp.args.StandardSave(state))
     mngr.wait_until_finished()
-    _write_json_atomic(done_file, {'step': config.steps, 'members': int(keys.shape[0]),
+    utils.write_json(str(done_file), {'step': config.steps, 'members': int(keys.shape[0]),
                                    'time': time.strftime('%Y-%m-%dT%H:%M:%S')})
     return state
   finally:
