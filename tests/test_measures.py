@@ -178,6 +178,7 @@ def test_measures_cli_end_to_end(measured, test_config):
   assert all(m['n_real'][n] + m['n_synthetic'][n] == max(m['n_real'][n], 40) for n in names)
   # The ablation's own original CNN run gives the features.
   assert m['feature_space']['run_dir'] == os.path.join('frame', 'holdout', 'original', 'cnn')
+  assert m['cas']['run_dir'] == os.path.join('frame', 'holdout', 'gan_cond', 'cas')
   assert m['feature_space']['dim'] == 128
   assert m['kid']['overall']['std'] >= 0 and np.isfinite(m['kid']['overall']['mean'])
   assert set(m['kid']['per_class']) == set(names) == set(m['fid']['per_class'])

@@ -435,6 +435,7 @@ def measure_gan(config, workdir: str, view: str, gan_dir: str, *, examples: ip.E
   out['cas'] = classification_accuracy_score(
       run_config, os.path.join(gan_dir, 'cas'), examples=examples, split=split,
       images=fake_images, labels=fake_y, log=log)
+  out['cas']['run_dir'] = os.path.relpath(out['cas']['run_dir'], workdir)  # like feature_space's
   out['cas']['real_trained'] = _real_trained(
       utils.read_json(os.path.join(feature_dir, 'results.json')))
   missing = [n for n, k in out['n_synthetic'].items() if k == 0]
