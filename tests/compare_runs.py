@@ -27,8 +27,24 @@ def emulated_env(devices: int | None = None) -> dict:
   return env
 
 
+# The one run both multi-device tests train: the :test config's frame view, holdout split,
+# 'original' regime, CNN. As command-line flags (plus --config.num_seeds) and in-process.
+ONE_RUN = ['--config.ablation.models=("cnn",)', '--config.ablation.regimes=("original",)']
+
+
 def run_dir(workdir: str) -> str:
   return ablation.run_dir(workdir, 'frame', 'holdout', 'original', 'cnn')
+
+
+def train_one_run(test_config, workdir: str, num_seeds: int) -> str:
+  """ONE_RUN with `num_seeds` seeds in this process (the reference); -> workdir."""
+  config = test_config.copy_and_resolve_references()
+  with config.unlocked():
+    config.num_seeds = num_seeds
+    config.ablation.models = ('cnn',)
+    config.ablation.regimes = ('original',)
+  ablation.run(config, workdir, log=lambda s: None)
+  return workdir
 
 
 def per_seed(run: str) -> dict:

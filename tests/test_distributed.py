@@ -17,12 +17,11 @@ import time
 
 import pytest
 
-from compare_runs import assert_same_results, emulated_env, run_dir
-from wbc_jax import ablation
+import compare_runs
+from compare_runs import assert_same_results, emulated_env, run_dir, train_one_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ONE_RUN = ['--config.ablation.models=("cnn",)', '--config.ablation.regimes=("original",)',
-           '--config.num_seeds=2']
+ONE_RUN = [*compare_runs.ONE_RUN, '--config.num_seeds=2']
 
 
 def launch_cmd(test_config, workdir):
@@ -46,14 +45,7 @@ def final_lines(stdout: str) -> dict[int, list]:
 @pytest.fixture(scope='module')
 def reference(test_config, tmp_path_factory):
   """The tiny ablation, 2 seeds, in this process (one device)."""
-  config = test_config.copy_and_resolve_references()
-  with config.unlocked():
-    config.num_seeds = 2
-    config.ablation.models = ('cnn',)
-    config.ablation.regimes = ('original',)
-  workdir = str(tmp_path_factory.mktemp('one_process'))
-  ablation.run(config, workdir, log=lambda s: None)
-  return workdir
+  return train_one_run(test_config, str(tmp_path_factory.mktemp('one_process')), num_seeds=2)
 
 
 def test_two_processes_killed_and_restarted_match_one_process(test_config, reference, tmp_path):

@@ -17,27 +17,19 @@ import jax
 import numpy as np
 import pytest
 
-from compare_runs import RTOL, assert_same_results, emulated_env, run_dir
-from wbc_jax import ablation
+import compare_runs
+from compare_runs import RTOL, assert_same_results, emulated_env, run_dir, train_one_run
 from wbc_jax import sharding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ONE_RUN = ['--config.ablation.models=("cnn",)', '--config.ablation.regimes=("original",)',
-           '--config.num_seeds=4']
+ONE_RUN = [*compare_runs.ONE_RUN, '--config.num_seeds=4']
 
 
 @pytest.fixture(scope='module')
 def reference(test_config, tmp_path_factory):
   """The tiny ablation, 4 seeds, on this process's single device."""
   assert jax.device_count() == 1, 'the reference run expects one device'
-  config = test_config.copy_and_resolve_references()
-  with config.unlocked():
-    config.num_seeds = 4
-    config.ablation.models = ('cnn',)
-    config.ablation.regimes = ('original',)
-  workdir = str(tmp_path_factory.mktemp('one_device'))
-  ablation.run(config, workdir, log=lambda s: None)
-  return workdir
+  return train_one_run(test_config, str(tmp_path_factory.mktemp('one_device')), num_seeds=4)
 
 
 @pytest.fixture(scope='module')
