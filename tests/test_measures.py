@@ -245,3 +245,35 @@ def test_feature_cnn_is_trained_when_the_original_run_is_absent(test_config, tmp
   (config, called_dir, kw), = calls
   assert called_dir == run_dir and kw['split'] is split
   assert (config.model, config.regime, config.data.view) == ('cnn', 'original', 'frame')
+
+
+def test_cas_classifier_gets_the_real_trained_cnns_updates(test_config, monkeypatch):
+  """CAS trains on ~6x more (synthetic) images than the real-trained CNN; it gets the same
+  number of steps per epoch, not 6x more, under either steps_per_epoch_basis."""
+  examples = ip.load_examples(test_config.data)
+  split = ip.make_splits(examples.labels, test_config.split)[0]
+  n_synthetic = 6 * len(split.train)
+  images = np.zeros((n_synthetic, *examples.images.shape[1:]), np.uint8)
+  labels = np.arange(n_synthetic) % 4
+  test = {'seed_summary': {k: {'mean': 0.5, 'std': 0.0} for k in ('accuracy', 'balanced_accuracy')},
+          'ensemble': {'accuracy': 0.5, 'balanced_accuracy': 0.5}}
+  for basis in ('all', 'real'):
+    config = test_config.copy_and_resolve_references()
+    with config.unlocked():
+      config.train.max_steps_per_epoch = -1
+      config.train.steps_per_epoch_basis = basis
+    calls = []
+
+    def fake_train_once(run_config, run_dir, *, examples, split, log):
+      calls.append((run_config, examples, split))
+      return {'splits': {'test': test}, 'seeds': [0, 1]}
+
+    monkeypatch.setattr(measures, '_train_once', fake_train_once)
+    out = measures.classification_accuracy_score(config, '/nonexistent/cas', examples=examples,
+                                                 split=split, images=images, labels=labels)
+    (run_config, cas_examples, cas_split), = calls
+    want = -(-len(split.train) // config.train.batch_size)
+    assert run_config.train.max_steps_per_epoch == want == out['steps_per_epoch']
+    assert len(cas_split.train) == n_synthetic and cas_examples.is_synthetic[cas_split.train].all()
+    assert not cas_examples.is_synthetic[np.concatenate([cas_split.val, cas_split.test])].any()
+    assert config.train.max_steps_per_epoch == -1  # the caller's config is left alone

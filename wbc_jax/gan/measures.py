@@ -299,10 +299,18 @@ def classification_accuracy_score(run_config, cas_dir: str, *, examples: ip.Exam
                                   log: Callable = print) -> dict:
   """Trains the CNN on the synthetic images alone; tests it on the split's real test images.
 
-  Validation (model selection) uses the split's real validation images. The run lives in
-  cas_dir (results.json marks it done). Returns accuracy and balanced accuracy, per seed
-  (mean, std) and of the seed ensemble.
+  Validation (model selection) uses the split's real validation images. The CNN gets the
+  updates of the real-trained one it is compared with (run_config's epochs, and as many steps
+  per epoch as one pass over the split's real training images, each epoch's batches drawn
+  from a fresh permutation of the synthetic images): the synthetic set is several times
+  larger, and more updates alone would flatter it. The run lives in cas_dir (results.json
+  marks it done). Returns accuracy and balanced accuracy, per seed (mean, std) and of the
+  seed ensemble, and the training budget.
   """
+  steps = train.epoch_steps(run_config.train, num_real=len(split.train), num_extra=0)
+  run_config = run_config.copy_and_resolve_references()
+  with run_config.unlocked():
+    run_config.train.max_steps_per_epoch = steps
   m, nv, nt = len(labels), len(split.val), len(split.test)
   real_ids = examples.image_ids.astype(str)
   cas_examples = ip.Examples(
@@ -326,6 +334,7 @@ def classification_accuracy_score(run_config, cas_dir: str, *, examples: ip.Exam
       'accuracy_ensemble': test['ensemble']['accuracy'],
       'balanced_accuracy_ensemble': test['ensemble']['balanced_accuracy'],
       'seeds': results['seeds'], 'run_dir': cas_dir,
+      'epochs': int(run_config.train.epochs), 'steps_per_epoch': int(steps),
   }
 
 
