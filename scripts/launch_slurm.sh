@@ -2,7 +2,9 @@
 # Runs the ablation on a set of GPU nodes with Slurm: one process per GPU (the default
 # here) or one per node; the processes find each other through jax.distributed.
 #
-#   sbatch scripts/launch_slurm.sh --config=configs/ablation.py --workdir=/shared/wbc/ablation
+#   sbatch scripts/launch_slurm.sh --config=configs/ablation.py --workdir=/shared/wbc/ablation \
+#       '--config.ablation.regimes=("original","original+trad")'
+#   (the GAN regimes and measures run in one process only: train them without this launcher)
 #   sbatch --nodes=4 --gpus-per-node=8 --ntasks-per-node=8 scripts/launch_slurm.sh ...
 #   sbatch --ntasks-per-node=1 scripts/launch_slurm.sh ...     # one process per node
 #

@@ -1,7 +1,9 @@
 #!/bin/bash
 # Runs the ablation on every worker of a Cloud TPU VM slice (one process per host).
 #
-#   scripts/launch_tpu_vm.sh TPU_NAME ZONE -- --config=configs/ablation.py --workdir=/mnt/shared/wbc
+#   scripts/launch_tpu_vm.sh TPU_NAME ZONE -- --config=configs/ablation.py --workdir=/mnt/shared/wbc \
+#       '--config.ablation.regimes=("original","original+trad")'
+#   (the GAN regimes and measures run in one process only: train them without this launcher)
 #
 # Everything after `--` goes to `python -m wbc_jax.main`, started on all workers at once
 # through `gcloud compute tpus tpu-vm ssh --worker=all`. On a TPU VM wbc_jax.main calls
