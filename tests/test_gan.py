@@ -473,3 +473,45 @@ def test_generate_cond(cond_runs):
   other_seed, _ = train.generate(straight, config, num_per_class=[3, 2],
                                  **{**kwargs, 'seed_index': 0})
   assert not np.allclose(images, other_seed)
+
+
+def test_resize_images():
+  x = np.full((3, 24, 32, 3), 0.25, np.float32)
+  x[1] = 0.75
+  y = train.resize_images(x, (12, 16), batch=2)
+  assert y.shape == (3, 12, 16, 3) and y.dtype == np.float32
+  np.testing.assert_allclose(y[0], 0.25, atol=1e-6)
+  np.testing.assert_allclose(y[1], 0.75, atol=1e-6)
+  np.testing.assert_array_equal(train.resize_images(x, (24, 32)), x)  # same size: unchanged
+  assert train.resize_images(x[:0], (12, 16)).shape == (0, 12, 16, 3)
+
+
+@pytest.mark.parametrize('resolution', [(30, 40), (12,), (0, 8)])
+def test_bad_resolution_is_named(resolution):
+  config = train.default_gan_config('cond')
+  with config.unlocked():
+    config.resolution = resolution
+  with pytest.raises(ValueError, match='config.gan.resolution'):
+    train.check_gan_config(config)
+
+
+def test_gan_at_its_own_resolution_gives_classifier_sized_images(test_config, tmp_path):
+  """A GAN at 12x16 trains on the 24x32 training images shrunk to 12x16; its samples come
+  back at 24x32 for the classifier."""
+  from wbc_jax import ablation
+  from wbc_jax import input_pipeline as ip
+  config = test_config.copy_and_resolve_references()
+  with config.unlocked():
+    config.gan.resolution = (12, 16)
+  examples = ip.load_examples(config.data)
+  split = ip.make_splits(examples.labels, config.split)[0]
+  lines = []
+  images, labels = ablation.synthetic_images(config, str(tmp_path), 'frame', examples, split,
+                                             log=lines.append)
+  assert images.shape[1:] == examples.images.shape[1:] == (24, 32, 3) and images.dtype == np.uint8
+  counts = np.bincount(examples.labels[split.train], minlength=4)
+  assert np.array_equal(np.bincount(labels, minlength=4),
+                        np.maximum(config.synthetic.target_per_class - counts, 0))
+  run = json.load(open(tmp_path / 'frame' / 'holdout' / 'gan_cond' / 'run.json'))
+  assert run['image_shape'] == [12, 16, 3]
+  assert any('at 12x16 (resized from 24x32)' in line for line in lines)

@@ -66,6 +66,9 @@ def validate(config) -> None:
   if config.num_seeds < 1:
     raise ValueError(f'config.num_seeds must be >= 1, got {config.num_seeds}.')
   gan_work = [r for r in config.ablation.regimes if uses_gan(r)]
+  if gan_work:
+    from wbc_jax.gan import train as gan_train
+    gan_train.check_gan_config(config.gan)
   if config.synthetic.get('measures', False):
     gan_work.append('synthetic.measures')
   if gan_work and sharding.process_count() > 1:
@@ -175,17 +178,22 @@ def synthetic_images(config, workdir: str, view: str, examples: ip.Examples, spl
       return z['images'], z['labels']
   num_classes = len(examples.class_names)
   real_x, real_y = examples.images[split.train], examples.labels[split.train]
+  size = tuple(real_x.shape[1:3])
+  gan_size = tuple(int(r) for r in config.gan.get('resolution', ())) or size
+  at = '' if gan_size == size else f' at {gan_size[0]}x{gan_size[1]} (resized from {size[0]}x{size[1]})'
   log(f'  GAN ({config.gan.kind}, {config.gan.steps} steps) on {len(real_y)} training images '
-      f'of {view} {split.name}')
-  state = gan_train.train_gans(config.gan, real_x.astype(np.float32) / 255.0, real_y,
+      f'of {view} {split.name}{at}')
+  gan_x = gan_train.resize_images(real_x.astype(np.float32) / 255.0, gan_size)
+  state = gan_train.train_gans(config.gan, gan_x, real_y,
                                num_classes=num_classes, seeds=[config.synthetic.gan_seed],
                                workdir=gan_dir, log=lambda s: log('    ' + s))
   counts = np.bincount(real_y, minlength=num_classes)
   need = np.maximum(config.synthetic.target_per_class - counts, 0)
   key = jax.random.fold_in(jax.random.PRNGKey(config.synthetic.gan_seed), 0x5A4D)
   images, labels = gan_train.generate(state, config.gan, num_per_class=need.tolist(), key=key,
-                                      height=real_x.shape[1], width=real_x.shape[2],
+                                      height=gan_size[0], width=gan_size[1],
                                       num_classes=num_classes)
+  images = gan_train.resize_images(images, size)  # the classifier's input size
   images = np.clip(np.round(images * 255.0), 0, 255).astype(np.uint8)
   buf_path = cache + '.tmp.npz'
   np.savez(buf_path, images=images, labels=labels)
