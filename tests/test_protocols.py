@@ -132,7 +132,6 @@ def test_kfold_gan_regime_keeps_synthetic_images_out_of_evaluation(test_config, 
                                                                    fake_gan, evaluated_images):
   """The holdout case is tests/test_train.py's; here a k-fold split, whose GAN sees that
   fold's training images only."""
-  evaluated = evaluated_images
   config = _config(test_config, 'kfold', ('original+gan',))
   with config.unlocked():
     config.split.max_splits = 1
@@ -148,4 +147,5 @@ def test_kfold_gan_regime_keeps_synthetic_images_out_of_evaluation(test_config, 
   np.testing.assert_array_equal(preds['val_image_ids'], examples.image_ids[split.val])
   np.testing.assert_array_equal(preds['test_image_ids'], examples.image_ids[split.test])
   real = {img.tobytes() for img in examples.images}
-  assert evaluated and {img.tobytes() for batch in evaluated for img in batch} <= real
+  seen = {img.tobytes() for batch in evaluated_images for img in batch}
+  assert evaluated_images and seen <= real

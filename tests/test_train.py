@@ -188,7 +188,6 @@ def test_predict_missing_run_dir_is_clear(tmp_path):
 def test_gan_regime_keeps_synthetic_images_out_of_evaluation(test_config, tmp_path,
                                                             evaluated_images):
   """The '+gan' regime trains on synthetic images; no evaluation ever sees one."""
-  evaluated = evaluated_images
   config = test_config.copy_and_resolve_references()
   with config.unlocked():
     config.ablation.models = ('cnn',)
@@ -207,7 +206,7 @@ def test_gan_regime_keeps_synthetic_images_out_of_evaluation(test_config, tmp_pa
   fake = {img.tobytes() for img in synthetic['images']}
   real = {img.tobytes() for img in examples.images}
   assert not fake & real
-  seen = [img.tobytes() for batch in evaluated for img in batch]
+  seen = [img.tobytes() for batch in evaluated_images for img in batch]
   assert seen and not set(seen) & fake
   assert set(seen) <= real
   preds = np.load(os.path.join(ablation.run_dir(workdir, 'frame', 'holdout', 'original+gan', 'cnn'),

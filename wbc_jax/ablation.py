@@ -146,8 +146,9 @@ def run(config, workdir: str, log: Callable = print) -> list[dict]:
         utils.write_json(results_path, results)
     rows.append(summary_row(results, view, regime))
     elapsed = time.time() - t0
-    log(f'{tag}: test acc {rows[-1]["test_acc_mean"]:.3f} (ensemble {rows[-1]["test_acc_ens"]:.3f}),'
-        f' balanced {rows[-1]["test_bacc_mean"]:.3f}; elapsed {utils.format_duration(elapsed)}')
+    row = rows[-1]
+    log(f'{tag}: test acc {row["test_acc_mean"]:.3f} (ensemble {row["test_acc_ens"]:.3f}),'
+        f' balanced {row["test_bacc_mean"]:.3f}; elapsed {utils.format_duration(elapsed)}')
   if config.synthetic.get('measures', False):
     from wbc_jax.gan import measures  # after every split's 'original' CNN has trained
     measures.measure_workdir(workdir, config=config, log=log)
@@ -155,7 +156,8 @@ def run(config, workdir: str, log: Callable = print) -> list[dict]:
   if sharding.is_primary():  # the report reads results.json, which process 0 writes
     from wbc_jax import report  # here: matplotlib and the statistics are not needed to train
     report.write_report(workdir, command=report.invocation(), log=log)
-  log(f'ablation done in {utils.format_duration(time.time() - t0)}: {os.path.join(workdir, "summary.md")}')
+  log(f'ablation done in {utils.format_duration(time.time() - t0)}: '
+      f'{os.path.join(workdir, "summary.md")}')
   return rows
 
 
@@ -289,10 +291,12 @@ def write_summary(workdir: str, rows: list[dict], config) -> None:
   if not sharding.is_primary():
     return
   utils.write_json(os.path.join(workdir, 'summary.json'), rows)
-  cols = ['view', 'split', 'regime', 'model', 'seeds', 'n_train', 'n_synthetic', 'n_test', 'test_acc_mean', 'test_acc_std',
+  cols = ['view', 'split', 'regime', 'model', 'seeds', 'n_train', 'n_synthetic', 'n_test',
+          'test_acc_mean', 'test_acc_std',
           'test_bacc_mean', 'test_f1_mean', 'test_acc_ens', 'test_bacc_ens', 'val_acc_best',
           'majority_acc', 'majority_bacc', 'train_seconds']
-  headers = ['view', 'split', 'regime', 'model', 'seeds', 'train n', 'synthetic n', 'test n', 'test acc (mean)', 'acc sd',
+  headers = ['view', 'split', 'regime', 'model', 'seeds', 'train n', 'synthetic n', 'test n',
+             'test acc (mean)', 'acc sd',
              'test bal. acc', 'test macro-F1', 'test acc (ensemble)', 'bal. acc (ensemble)',
              'best val acc', 'majority acc', 'majority bal. acc', 'train s']
   pct = {'test_acc_mean', 'test_acc_std', 'test_bacc_mean', 'test_f1_mean', 'test_acc_ens',
@@ -314,6 +318,7 @@ def write_summary(workdir: str, rows: list[dict], config) -> None:
   table = metrics_lib.format_markdown_table(rows, cols, headers=headers, percent_columns=pct)
   text = (f'# Ablation summary\n\n{scope}; "mean" is over seeds, "ensemble" '
           'averages the seeds\' probabilities. The majority baseline always predicts the most '
-          f'frequent training class.\n\nProtocol: {config.split.protocol}; seeds: {config.num_seeds}; '
+          f'frequent training class.\n\nProtocol: {config.split.protocol}; '
+          f'seeds: {config.num_seeds}; '
           f'epochs: {config.train.epochs}.\n\n' + table + '\n')
   utils.write_atomic(os.path.join(workdir, 'summary.md'), text)

@@ -168,7 +168,8 @@ def iter_examples(archive_path: str, labels_path: str, classes=CLASSES, counts=N
         xmls[int(re.search(r'(\d+)\.xml$', name).group(1))] = name
     if not jpegs:
       raise BccdDataError(
-          f'{archive_path}: no BCCD/JPEGImages/BloodImage_NNNNN.jpg inside; is it the BCCD archive?')
+          f'{archive_path}: no BCCD/JPEGImages/BloodImage_NNNNN.jpg inside; '
+          'is it the BCCD archive?')
     for image_id in sorted(labels):
       category = labels[image_id]
       types = [t.strip() for t in category.split(',') if t.strip()]

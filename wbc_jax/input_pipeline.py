@@ -79,7 +79,8 @@ class Split:
 
 def check_view(view: str) -> None:
   if view not in VIEWS:
-    raise ValueError(f"config.data.view: unknown view {view!r}; expected one of {', '.join(VIEWS)}.")
+    raise ValueError(f"config.data.view: unknown view {view!r}; "
+                     f"expected one of {', '.join(VIEWS)}.")
 
 
 def _download_config(manual_dir: str | None):

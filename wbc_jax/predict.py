@@ -105,7 +105,8 @@ def predict_files(run_dir: str, paths: list[str], box: str | None = None) -> lis
   views = []
   for path in paths:
     frame = read_image(path)
-    boxes = wbc_boxes_for(path, frame.shape, box) if config.data.view == 'crop' else np.zeros((0, 4))
+    boxes = (wbc_boxes_for(path, frame.shape, box) if config.data.view == 'crop'
+             else np.zeros((0, 4)))
     raw = {'images': frame[None], 'labels': np.zeros(1, np.int32),
            'image_ids': np.zeros(1, np.int32), 'boxes': [boxes], 'class_names': tuple(class_names)}
     views.append(ip.make_view(raw, config.data).images[0])

@@ -91,8 +91,9 @@ def corrected_resampled_ttest(
 
   Returns:
     dict(mean_diff, t, p, df, ci_low, ci_high): p is two-sided with df = J - 1; the 95%
-    interval of the mean difference uses the same corrected standard error. If every difference is zero, t = 0 and p = 1. If the
-    differences are all equal and non-zero the standard error is zero: t = +/-inf and p = 0.
+    interval of the mean difference uses the same corrected standard error. If every
+    difference is zero, t = 0 and p = 1. If the differences are all equal and non-zero the
+    standard error is zero: t = +/-inf and p = 0.
 
   Raises:
     ValueError: if the score vectors differ in length or J < 2.

@@ -65,7 +65,8 @@ def make_optimizer(train_config) -> optax.GradientTransformation:
     return optax.adamw(lr, eps=1e-7, weight_decay=train_config.weight_decay)
   if name == 'sgd':
     return optax.sgd(lr, momentum=0.9)
-  raise ValueError(f"config.train.optimizer: unknown optimizer {name!r}; expected adam, adamw or sgd.")
+  raise ValueError(f"config.train.optimizer: unknown optimizer {name!r}; "
+                   "expected adam, adamw or sgd.")
 
 
 def create_train_state(key: jax.Array, *, model: nn.Module, tx: optax.GradientTransformation,

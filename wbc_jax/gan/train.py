@@ -147,18 +147,23 @@ def check_gan_config(config: ml_collections.ConfigDict) -> None:
                      f'positive multiple of 4, got {resolution!r}')
 
 
+@functools.partial(jax.jit, static_argnames=('height', 'width'))
+def _resize(images: jax.Array, height: int, width: int) -> jax.Array:
+  return jax.image.resize(images, (images.shape[0], height, width, images.shape[3]),
+                          method='linear', antialias=True)
+
+
 def resize_images(images: np.ndarray, size: Sequence[int], batch: int = 256) -> np.ndarray:
   """float [N, H, W, C] -> float32 [N, size[0], size[1], C], bilinear with antialiasing
-  when shrinking (jax.image.resize), in batches of `batch` images."""
+  when shrinking (jax.image.resize), in batches of `batch` images (one compiled program per
+  input shape, cached across calls)."""
   images = np.asarray(images, np.float32)
   height, width = (int(s) for s in size)
   if images.shape[1:3] == (height, width):
     return images
   if not len(images):
     return np.zeros((0, height, width, images.shape[3]), np.float32)
-  resize = jax.jit(lambda x: jax.image.resize(x, (x.shape[0], height, width, x.shape[3]),
-                                              method='linear', antialias=True))
-  return np.concatenate([np.asarray(resize(images[i:i + batch]))
+  return np.concatenate([np.asarray(_resize(images[i:i + batch], height, width))
                          for i in range(0, len(images), batch)])
 
 
@@ -386,7 +391,8 @@ def make_class_pool(images: np.ndarray, labels: np.ndarray, num_classes: int):
   images = np.asarray(images, np.float32)
   labels = np.asarray(labels)
   if images.ndim != 4 or images.shape[-1] != 3 or labels.shape != images.shape[:1]:
-    raise ValueError(f'Expected images [n, h, w, 3] and labels [n], got {images.shape}, {labels.shape}')
+    raise ValueError(f'Expected images [n, h, w, 3] and labels [n], '
+                     f'got {images.shape}, {labels.shape}')
   # Non-finite values pass: the train loop's guard reports them with the step.
   finite = images[np.isfinite(images)]
   if finite.size and (finite.min() < 0.0 or finite.max() > 1.0):
