@@ -12,6 +12,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -495,13 +496,48 @@ def test_bad_resolution_is_named(resolution):
     train.check_gan_config(config)
 
 
-def test_gan_at_its_own_resolution_gives_classifier_sized_images(test_config, tmp_path):
-  """A GAN at 12x16 trains on the 24x32 training images shrunk to 12x16; its samples come
-  back at 24x32 for the classifier."""
+@pytest.mark.parametrize('resolution', [(30, 40), (12,)])
+def test_bad_per_view_resolution_is_named(resolution):
+  config = train.default_gan_config('paper')
+  with config.unlocked():
+    config.resolution_by_view = ml_collections.ConfigDict({'frame': (), 'crop': ()})
+  config.resolution_by_view.crop = resolution
+  with pytest.raises(ValueError, match='config.gan.resolution_by_view.crop'):
+    train.check_gan_config(config)
+
+
+def test_resolution_for_prefers_the_views_own_then_the_common_then_the_input():
+  config = train.default_gan_config('paper')
+  with config.unlocked():
+    config.resolution_by_view = ml_collections.ConfigDict({'frame': (24, 32), 'crop': ()})
+  assert train.resolution_for(config, 'frame', (60, 80)) == (24, 32)
+  assert train.resolution_for(config, 'crop', (32, 32)) == (32, 32)
+  config.resolution = (16, 16)
+  assert train.resolution_for(config, 'crop', (32, 32)) == (16, 16)
+  assert train.resolution_for(config, 'frame', (60, 80)) == (24, 32)
+
+
+def test_quick_paper_gan_trains_frames_small_and_crops_at_their_size():
+  from configs import ablation as ablation_config
+  quick_paper = ablation_config.get_config('quick,paper_gan')
+  assert train.resolution_for(quick_paper.gan, 'frame', (60, 80)) == (24, 32)
+  assert train.resolution_for(quick_paper.gan, 'crop', (32, 32)) == (32, 32)
+  quick_cond = ablation_config.get_config('quick')
+  assert train.resolution_for(quick_cond.gan, 'frame', (60, 80)) == (60, 80)
+
+
+@pytest.mark.parametrize('per_view', [False, True])
+def test_gan_at_its_own_resolution_gives_classifier_sized_images(test_config, tmp_path,
+                                                                 per_view):
+  """A GAN at 12x16 (gan.resolution, or the frame view's own) trains on the 24x32 training
+  images shrunk to 12x16; its samples come back at 24x32 for the classifier."""
   from wbc_jax import ablation
   from wbc_jax import input_pipeline as ip
   config = test_config.copy_and_resolve_references()
-  with config.unlocked():
+  if per_view:
+    config.gan.resolution_by_view.frame = (12, 16)
+    config.gan.resolution_by_view.crop = (8, 8)  # another view's: not used here
+  else:
     config.gan.resolution = (12, 16)
   examples = ip.load_examples(config.data)
   split = ip.make_splits(examples.labels, config.split)[0]

@@ -181,7 +181,7 @@ def synthetic_images(config, workdir: str, view: str, examples: ip.Examples, spl
   num_classes = len(examples.class_names)
   real_x, real_y = examples.images[split.train], examples.labels[split.train]
   size = tuple(real_x.shape[1:3])
-  gan_size = tuple(int(r) for r in config.gan.get('resolution', ())) or size
+  gan_size = gan_train.resolution_for(config.gan, view, size)
   at = ('' if gan_size == size else
         f' at {gan_size[0]}x{gan_size[1]} (resized from {size[0]}x{size[1]})')
   log(f'  GAN ({config.gan.kind}, {config.gan.steps} steps) on {len(real_y)} training images '

@@ -140,11 +140,26 @@ def check_gan_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f'ema_decay must be in [0, 1), got {config.ema_decay}')
   if config.kind == 'cond' and config.channels < 1:
     raise ValueError(f"kind 'cond' needs channels >= 1, got {config.channels}")
-  resolution = tuple(config.get('resolution', ()))
+  _check_resolution(config.get('resolution', ()), 'config.gan.resolution')
+  for view, resolution in (config.get('resolution_by_view') or {}).items():
+    _check_resolution(resolution, f'config.gan.resolution_by_view.{view}')
+
+
+def _check_resolution(resolution, name: str) -> None:
+  resolution = tuple(resolution)
   if resolution and (len(resolution) != 2 or any(int(r) != r or r < 4 or r % 4
                                                  for r in resolution)):
-    raise ValueError(f'config.gan.resolution: expected () or (height, width), each a '
-                     f'positive multiple of 4, got {resolution!r}')
+    raise ValueError(f'{name}: expected () or (height, width), each a positive multiple of '
+                     f'4, got {resolution!r}')
+
+
+def resolution_for(config: ml_collections.ConfigDict, view: str,
+                   size: Sequence[int]) -> tuple[int, int]:
+  """(height, width) a GAN of `view` trains at: config.resolution_by_view[view], else
+  config.resolution, else `size` (the classifier's input); () means "not set"."""
+  by_view = config.get('resolution_by_view') or {}
+  chosen = tuple(by_view.get(view, ())) or tuple(config.get('resolution', ())) or tuple(size)
+  return int(chosen[0]), int(chosen[1])
 
 
 @functools.partial(jax.jit, static_argnames=('height', 'width'))
@@ -535,10 +550,10 @@ def _is_time(step: int, every: int, total: int) -> bool:
 
 def _run_identity(config, images, labels, seeds, num_classes) -> dict:
   """What must not change between a run and its resumption."""
-  # resolution shows in image_shape (the images this run trains on); leaving the field
-  # out keeps runs made before it existed resumable.
+  # The resolution shows in image_shape (the images this run trains on); leaving its fields
+  # out keeps runs made before they existed resumable.
   cfg = {k: v for k, v in config.to_dict().items()
-         if k not in _RESUMABLE_FIELDS and k != 'resolution'}
+         if k not in _RESUMABLE_FIELDS + ('resolution', 'resolution_by_view')}
   digest = hashlib.sha1(np.ascontiguousarray(images, np.float32).tobytes())
   digest.update(np.ascontiguousarray(labels, np.int64).tobytes())
   return {'config': cfg, 'seeds': [int(s) for s in seeds], 'num_classes': int(num_classes),
