@@ -517,13 +517,15 @@ def test_resolution_for_prefers_the_views_own_then_the_common_then_the_input():
   assert train.resolution_for(config, 'frame', (60, 80)) == (24, 32)
 
 
-def test_quick_paper_gan_trains_frames_small_and_crops_at_their_size():
+@pytest.mark.parametrize('arg', ['quick', 'quick,paper_gan'])
+def test_quick_gans_train_frames_small_and_crops_at_their_size(arg):
   from configs import ablation as ablation_config
-  quick_paper = ablation_config.get_config('quick,paper_gan')
-  assert train.resolution_for(quick_paper.gan, 'frame', (60, 80)) == (24, 32)
-  assert train.resolution_for(quick_paper.gan, 'crop', (32, 32)) == (32, 32)
-  quick_cond = ablation_config.get_config('quick')
-  assert train.resolution_for(quick_cond.gan, 'frame', (60, 80)) == (60, 80)
+  quick = ablation_config.get_config(arg)
+  assert train.resolution_for(quick.gan, 'frame', (60, 80)) == (24, 32)
+  assert train.resolution_for(quick.gan, 'crop', (32, 32)) == (32, 32)
+  # Other variants train the GAN at the classifier's input.
+  study_frame = ablation_config.get_config('study_frame')
+  assert train.resolution_for(study_frame.gan, 'frame', (60, 80)) == (60, 80)
 
 
 @pytest.mark.parametrize('per_view', [False, True])
