@@ -528,7 +528,9 @@ def plot_pooled_scores(cells: Sequence[dict], path: str, *, metric: str = 'balan
   ax.set_xlim(-1, 101)  # room for a marker at 0 or 100
   ax.grid(axis='x', alpha=0.3)
   ax.legend(loc='lower right', fontsize=8)
-  ax.set_title(f'Pooled out-of-fold {METRIC_NAMES[metric]} (real test images only)')
+  # A figure title, not an axes title: the long row labels push the axes right, and a title
+  # centred on the axes ran off the figure's right edge.
+  fig.suptitle(f'Pooled {METRIC_NAMES[metric]} on held-out real images')
   os.makedirs(os.path.dirname(path), exist_ok=True)
   fig.savefig(path, format='png', dpi=120)
   fig.clear()
