@@ -341,7 +341,12 @@ def test_lstm_init_is_keras_like():
   # Recurrent kernels: orthogonal.
   w = np.asarray(cell['hi']['kernel'])
   np.testing.assert_allclose(w.T @ w, np.eye(64), atol=1e-5)
-  assert not np.any(cell['hf']['bias'])
+  # Biases: 1 for the forget gate (Keras's unit_forget_bias), 0 for the others; the input
+  # kernels carry none of their own.
+  np.testing.assert_array_equal(cell['hf']['bias'], np.ones(64))
+  for gate in ('hi', 'hg', 'ho'):
+    np.testing.assert_array_equal(cell[gate]['bias'], np.zeros(64))
+  assert set(cell['if']) == {'kernel'}
 
 
 @pytest.mark.parametrize('shape', [(6, 6), (7, 3), (3, 7)])

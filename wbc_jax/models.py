@@ -272,14 +272,44 @@ def _orthogonal_init(key: Array, shape: Sequence[int], dtype: Any = jnp.float32)
   return (q if tall else q.T).astype(dtype)
 
 
-def _lstm_cell(units: int) -> nn.LSTMCell:
-  """Keras-like LSTM cell: glorot input kernels, orthogonal recurrent kernels, zero biases.
+class KerasLSTMCell(nn.LSTMCell):
+  """flax's LSTMCell with Keras's forget-gate bias: 1 at init (unit_forget_bias), 0 elsewhere.
 
-  Keras also sets the forget-gate bias to 1 (unit_forget_bias). flax's LSTMCell applies one
-  `bias_init` to all four gates' biases, so that would need a re-implemented cell; the biases
-  stay zero here.
+  Keras starts the forget gate's bias at 1 so that, early in training, the cell keeps its state
+  rather than forgetting it; flax's LSTMCell draws all four gates' biases from one `bias_init`.
+  Same gates, parameter names and shapes as flax's cell ('ii', 'hi', 'if', 'hf', ...), so
+  parameter trees and checkpoints keep their structure.
   """
-  return nn.LSTMCell(
+
+  forget_bias: float = 1.0
+
+  @nn.compact
+  def __call__(self, carry, inputs):
+    """carry (c, h) each [batch, units], inputs [batch, features] -> ((c, h), h)."""
+    c, h = carry
+    units = h.shape[-1]
+
+    def gate(name: str, bias_init: Initializer) -> Array:
+      # Input and recurrent kernels are summed, so only the recurrent Dense holds the bias.
+      x = nn.Dense(units, use_bias=False, kernel_init=self.kernel_init, dtype=self.dtype,
+                   param_dtype=self.param_dtype, name=f'i{name}')(inputs)
+      return x + nn.Dense(units, use_bias=True, kernel_init=self.recurrent_kernel_init,
+                          bias_init=bias_init, dtype=self.dtype, param_dtype=self.param_dtype,
+                          name=f'h{name}')(h)
+
+    i = self.gate_fn(gate('i', self.bias_init))
+    f = self.gate_fn(gate('f', nn.initializers.constant(self.forget_bias)))
+    g = self.activation_fn(gate('g', self.bias_init))
+    o = self.gate_fn(gate('o', self.bias_init))
+    new_c = f * c + i * g
+    new_h = o * self.activation_fn(new_c)
+    return (new_c, new_h), new_h
+
+
+def _lstm_cell(units: int) -> nn.LSTMCell:
+  """Keras-like LSTM cell: glorot input kernels, orthogonal recurrent kernels, zero biases
+  but for the forget gate's, which starts at 1 as Keras's (unit_forget_bias=True) does."""
+  return KerasLSTMCell(
       units,
       parent=None,  # unbound, so that the RNN that receives it adopts it as 'cell'
       kernel_init=_keras_lstm_kernel_init(),
