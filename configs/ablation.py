@@ -57,6 +57,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.frame_size = (60, 80)
   c.data.crop_size = 64
   c.data.crop_margin = 0.25
+  c.data.crop_mode = 'box'    # 'box': crop_margin around each box | 'window': window_px square
+  c.data.window_px = 288      # the window's side in pixels of the 640x480 frame
 
   c.split = ml_collections.ConfigDict()
   # 'holdout' | 'kfold' | 'paper': the published study's LEAKY pipeline, whose GAN regimes
@@ -78,6 +80,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.augment.rot90 = False
   c.augment.rotation_deg = 10.0
   c.augment.color_jitter = 0.0
+  # 'tfdata': per image in the input pipeline (the fields above); 'jax': on the batch inside
+  # the jitted train step (wbc_jax.augment), which also has the fields below.
+  c.augment.impl = 'tfdata'
+  c.augment.scale = 0.0       # zoom within [1 / (1 + scale), 1 + scale]
+  c.augment.shift = 0.0       # translation within +-shift of the image size
+  c.augment.brightness = 0.0  # these four override color_jitter's share when > 0
+  c.augment.contrast = 0.0
+  c.augment.saturation = 0.0
+  c.augment.hue = 0.0
 
   c.train = ml_collections.ConfigDict()
   c.train.epochs = 50
@@ -86,6 +97,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.optimizer = 'adam'  # 'adam' | 'adamw' | 'sgd'
   c.train.learning_rate = 1e-3  # Keras Adam default, as the paper
   c.train.weight_decay = 0.0
+  c.train.schedule = 'constant'  # 'constant' | 'warmup_cosine'
+  c.train.warmup_steps = 0
+  c.train.final_lr_fraction = 0.0  # the cosine's end, as a fraction of the peak
+  c.train.steps_per_epoch = -1  # > 0: fixed-length epochs (evaluation periods) of this many steps
+  c.train.sampling = 'uniform'  # 'uniform' | 'balanced' (each class equally often)
+  c.train.label_smoothing = 0.0
+  c.train.logit_adjust_tau = 0.0  # > 0: logit-adjusted loss (Menon et al., 2021)
+  c.train.ema_decay = 0.0     # > 0: evaluate a moving average of the weights
+  c.train.standardize = False  # per-channel standardisation with training-image statistics
+  # Which epoch's parameters are tested: 'val_accuracy' (the paper's), 'val_balanced_accuracy',
+  # 'val_loss', or 'last' (the end of a fixed schedule).
+  c.train.select = 'val_accuracy'
+  c.train.tta = False         # evaluate the mean over the 8 flips/rotations (square images)
   c.train.class_weighting = False  # weight the loss by inverse class frequency
   c.train.conv_impl = 'auto'  # 'auto' | 'xla' | 'matmul' (see wbc_jax.models.Conv3x3)
   c.train.checkpoint_every_epochs = 5

@@ -399,11 +399,12 @@ def prepare_classifier(programs, seeds: int, batch: int, image_shape):
   data = make_batch(seeds, batch, image_shape)
   batch_dev = jax.device_put(data)
   runner = TrainRunner(programs.train_step, state, batch_dev,
-                       jnp.ones((NUM_CLASSES,), jnp.float32))
+                       {'class_weights': jnp.ones((NUM_CLASSES,), jnp.float32),
+                        'logit_offset': jnp.zeros((NUM_CLASSES,), jnp.float32)})
   images = batch_dev['image'][0]
 
   def predict_args():
-    return runner.state.params, runner.state.batch_stats, images
+    return runner.state.params, runner.state.batch_stats, images, runner.state.input_norm
 
   return runner, predict_args
 

@@ -20,10 +20,10 @@ x, y = ex.images[idx], ex.labels[idx]
 m = models.get_model(sys.argv[1], num_classes=4)
 p = train.make_programs(m, train.make_optimizer(c.train), x.shape[1:])
 st = p.init(train.seed_keys([0]))
-cw = np.ones(4, np.float32)
+cw = train.loss_constants(y, 4, c.train)
 for ep in range(int(sys.argv[3])):
   for b in ip.train_batches(x, y, seeds=[0], epoch=ep, batch_size=32, aug=c.augment, augment=False):
     st, met = p.train_step(st, b, cw)
   if ep % 5 == 4:
-    pr = train.predict_probs(p.predict, st.params, st.batch_stats, x, 64)
+    pr = train.predict_probs(p.predict, st.params, st.batch_stats, x, 64, st.input_norm)
     print(ep + 1, float(met['loss'][0])/32, (pr.argmax(-1)==y).mean(), flush=True)

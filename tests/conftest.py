@@ -52,9 +52,9 @@ def evaluated_images(monkeypatch):
   evaluated = []
   real_predict = train.predict_probs
 
-  def recording_predict(predict, params, batch_stats, images, batch_size):
+  def recording_predict(predict, params, batch_stats, images, batch_size, norm):
     evaluated.append(np.array(images))
-    return real_predict(predict, params, batch_stats, images, batch_size)
+    return real_predict(predict, params, batch_stats, images, batch_size, norm)
 
   monkeypatch.setattr(train, 'predict_probs', recording_predict)
   return evaluated

@@ -55,7 +55,7 @@ def main(run_dir: str) -> dict:
   rng = np.random.default_rng(0)
   batch = {'image': rng.random((num_seeds, config.train.batch_size, *image_shape), np.float32),
            'label': rng.integers(0, 4, (num_seeds, config.train.batch_size)).astype(np.int32)}
-  weights = np.ones(4, np.float32)
+  weights = train.loss_constants(np.arange(4), 4, config.train)
   placed = {k: sharding.put(v, programs.batch_sharding) for k, v in batch.items()}
   out['batch'] = layout(placed)
   state, metrics = programs.train_step(state, placed, weights)
@@ -77,7 +77,8 @@ def main(run_dir: str) -> dict:
     params[name] = sharding.to_host(s.params)
     # Evaluation batches of any size, split along 'data' inside the program; 5 rows do
     # not split evenly over 2 devices.
-    probs[name] = sharding.to_host(p.predict(s.params, s.batch_stats, batch['image'][0, :5]))
+    probs[name] = sharding.to_host(p.predict(s.params, s.batch_stats, batch['image'][0, :5],
+                                                   s.input_norm))
     if name == 'seed2_data2':
       out['data_parallel_batch'] = layout(b)
       out['data_parallel_state'] = layout(s)

@@ -6,11 +6,18 @@ Shapes: S seeds, B batch, (H, W) the view's size.
 
 Views:
   frame  the whole 640x480 smear resized to `frame_size` (60x80, as the paper).
-  crop   a square centred on the WBC box, `crop_margin` wider than the box's longer
-         side, kept inside the frame, resized to `crop_size`. When an annotation holds
-         two WBC boxes the larger one is used (in this copy one image, 113, has two);
-         images whose annotation holds no WBC box (4 here) use a centred square of
-         `FALLBACK_CROP_PX`, so both views hold the same images and the same splits.
+  crop   a square around the WBC box, resized to `crop_size`, in one of two modes
+         (`crop_mode`):
+           box     `crop_margin` wider than the box's longer side, kept inside the
+                   frame: every cell fills its crop, so absolute cell size is lost
+                   (the recorded study's crops).
+           window  a fixed `window_px` square of the frame centred on the box, the
+                   smear mirrored where the window leaves the frame: one pixel of the
+                   crop is the same size for every cell, so cell size is kept.
+         When an annotation holds two WBC boxes the larger one is used (in this copy
+         one image, 113, has two); images whose annotation holds no WBC box (4 here)
+         are centred on the frame (a `FALLBACK_CROP_PX` square in box mode), so both
+         views hold the same images and the same splits.
 
 Splits are computed on `image_id`, sorted, with scikit-learn's stratified splitters
 and a fixed `split_seed` (numpy's legacy RandomState, stable across machines):
@@ -39,7 +46,9 @@ from sklearn.model_selection import RepeatedStratifiedKFold, train_test_split
 from wbc_jax import bccd_wbc
 
 VIEWS = ('frame', 'crop')
+CROP_MODES = ('box', 'window')
 PROTOCOLS = ('holdout', 'kfold', 'paper')
+SAMPLINGS = ('uniform', 'balanced')
 FALLBACK_CROP_PX = 240
 
 
@@ -139,6 +148,43 @@ def crop_box(boxes: np.ndarray, margin: float, frame_hw=(480, 640)) -> np.ndarra
   return np.array([y0, x0, y0 + side, x0 + side])
 
 
+def window_box(boxes: np.ndarray, window_px: int, frame_hw=(480, 640)) -> np.ndarray:
+  """The fixed window (y0, x0, y1, x1), integer pixels, centred on the largest WBC box [k, 4]
+  (normalised); it may extend past the frame. No box: centred on the frame."""
+  h, w = frame_hw
+  if len(boxes) == 0:
+    cy, cx = h / 2, w / 2
+  else:
+    b = boxes * np.array([h, w, h, w], np.float64)
+    largest = b[np.argmax((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]))]
+    cy, cx = (largest[0] + largest[2]) / 2, (largest[1] + largest[3]) / 2
+  y0, x0 = int(round(cy - window_px / 2)), int(round(cx - window_px / 2))
+  return np.array([y0, x0, y0 + window_px, x0 + window_px])
+
+
+def window_crops(frames: np.ndarray, boxes, window_px: int) -> np.ndarray:
+  """uint8 [N, window_px, window_px, 3]: each frame's window, mirrored past the frame edge."""
+  if window_px < 8:
+    raise ValueError(f'config.data.window_px must be at least 8 pixels, got {window_px}.')
+  h, w = frames.shape[1:3]
+  out = np.empty((len(frames), window_px, window_px, 3), np.uint8)
+  for i, (frame, b) in enumerate(zip(frames, boxes)):
+    y0, x0, y1, x1 = window_box(b, window_px, (h, w))
+    pad = ((max(0, -y0), max(0, y1 - h)), (max(0, -x0), max(0, x1 - w)), (0, 0))
+    # 'symmetric' repeats the edge row once; a frame edge is no feature of the cell either way.
+    part = frame[max(0, y0):min(h, y1), max(0, x0):min(w, x1)]
+    out[i] = np.pad(part, pad, mode='symmetric') if any(p for p in pad[:2] for p in p) else part
+  return out
+
+
+def check_crop_mode(data_config) -> str:
+  mode = data_config.get('crop_mode', 'box')
+  if mode not in CROP_MODES:
+    raise ValueError(f"config.data.crop_mode: unknown mode {mode!r}; expected one of "
+                     f"{', '.join(CROP_MODES)}.")
+  return mode
+
+
 def make_view(raw: dict, data_config) -> Examples:
   """Resizes frames or crops WBCs; returns uint8 images of the view's size."""
   view = data_config.view
@@ -147,6 +193,10 @@ def make_view(raw: dict, data_config) -> Examples:
   if view == 'frame':
     size = tuple(data_config.frame_size)
     out = tf.image.resize(frames, size, method='area')
+  elif check_crop_mode(data_config) == 'window':
+    size = (data_config.crop_size, data_config.crop_size)
+    out = tf.image.resize(window_crops(frames, raw['boxes'], data_config.window_px), size,
+                          method='area')
   else:
     size = (data_config.crop_size, data_config.crop_size)
     h, w = frames.shape[1:3]
@@ -298,19 +348,46 @@ def epoch_indices(num_examples: int, batch_size: int, seed: int, epoch: int) -> 
   return perm[np.arange(steps * batch_size) % num_examples].reshape(steps, batch_size)
 
 
+def balanced_epoch_indices(labels: np.ndarray, batch_size: int, steps: int, seed: int,
+                           epoch: int) -> np.ndarray:
+  """Class-balanced training order of one seed's epoch, int [steps, batch_size].
+
+  Every draw picks a class uniformly among the classes present, then an image of that
+  class; each class's images are walked through in a fresh permutation (recycled when
+  used up), so within a class no image repeats before all have been seen. Drawn from
+  (seed, epoch), like `epoch_indices`.
+  """
+  labels = np.asarray(labels)
+  rng = np.random.default_rng([seed, epoch, 0xBA1])
+  classes = np.unique(labels)
+  picks = classes[rng.integers(0, len(classes), steps * batch_size)]
+  order = np.empty(steps * batch_size, np.int64)
+  for c in classes:
+    members = np.flatnonzero(labels == c)
+    slots = np.flatnonzero(picks == c)
+    reps = -(-len(slots) // len(members))
+    walk = np.concatenate([rng.permutation(members) for _ in range(max(reps, 1))])
+    order[slots] = walk[:len(slots)]
+  return order.reshape(steps, batch_size)
+
+
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
   return -(-num_examples // batch_size)
 
 
 def train_batches(images: np.ndarray, labels: np.ndarray, *, seeds, epoch: int, batch_size: int,
                   aug, augment: bool, extra: tuple[np.ndarray, np.ndarray] | None = None,
-                  max_steps: int = -1) -> list[dict[str, np.ndarray]]:
+                  max_steps: int = -1, sampling: str = 'uniform',
+                  steps: int | None = None) -> list[dict[str, np.ndarray]]:
   """One epoch of training batches for S seeds at once, as numpy.
 
   images: uint8 [N, H, W, 3] (training split only); labels: int [N].
   extra:  optional (uint8 [M, H, W, 3], int [M]) synthetic images, appended to the
           training set of every seed; they never reach an evaluation split.
   max_steps: if > 0, only the first max_steps batches (short test runs).
+  sampling: 'uniform' (each image once per epoch, `epoch_indices`) or 'balanced' (each
+          class equally often, `balanced_epoch_indices`, `steps` batches; default: as
+          many as a uniform epoch).
   Each seed has its own order and augmentation draws, both derived from (seed, epoch).
   Returns [{'image': float32 [S, B, H, W, 3], 'label': int32 [S, B]}] * steps.
   """
@@ -319,7 +396,15 @@ def train_batches(images: np.ndarray, labels: np.ndarray, *, seeds, epoch: int, 
     labels = np.concatenate([labels, extra[1]])
   seeds = [int(s) for s in seeds]
   num_seeds = len(seeds)
-  order = np.stack([epoch_indices(len(labels), batch_size, s, epoch) for s in seeds], axis=1)
+  if sampling not in SAMPLINGS:
+    raise ValueError(f"config.train.sampling: unknown value {sampling!r}; expected one of "
+                     f"{', '.join(SAMPLINGS)}.")
+  if sampling == 'balanced':
+    n_steps = steps or steps_per_epoch(len(labels), batch_size)
+    order = np.stack([balanced_epoch_indices(labels, batch_size, n_steps, s, epoch)
+                      for s in seeds], axis=1)
+  else:
+    order = np.stack([epoch_indices(len(labels), batch_size, s, epoch) for s in seeds], axis=1)
   if max_steps > 0:
     order = order[:max_steps]
   steps = order.shape[0]
@@ -368,6 +453,13 @@ def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int
       y = np.concatenate([y, np.zeros(pad, np.int32)])
       mask = np.concatenate([mask, np.zeros(pad, bool)])
     yield {'image': x, 'label': y, 'mask': mask}
+
+
+def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Per-channel mean and standard deviation of uint8 images [N, H, W, 3], on the [0, 1]
+  scale the models see: float32 [3] each. Callers pass training images only."""
+  x = np.asarray(images, np.float64).reshape(-1, images.shape[-1]) / 255.0
+  return x.mean(0).astype(np.float32), np.maximum(x.std(0), 1e-3).astype(np.float32)
 
 
 def class_counts(labels: np.ndarray, class_names) -> dict[str, int]:

@@ -78,6 +78,15 @@ def classification_metrics(labels, probs, class_names: Sequence[str]) -> dict:
   }
 
 
+def balanced_accuracy(labels, preds) -> float:
+  """Mean recall over the classes present in `labels` ([N] ints each), as
+  `classification_metrics`; for quick per-epoch curves."""
+  labels, preds = np.asarray(labels), np.asarray(preds)
+  present = np.unique(labels)
+  return float(skm.recall_score(labels, preds, labels=present, average='macro',
+                                zero_division=0))
+
+
 def ensemble_probs(probs) -> np.ndarray:
   """Seed ensemble: [S, N, C] per-seed probabilities -> [N, C] mean probabilities.
 

@@ -2,9 +2,11 @@
 
 * `CNN` and `CNNRNN` reproduce the two Keras models of the published paper, layer for layer and
   parameter for parameter, on its 60x80x3 input.
-* `ResNet` is a stronger small residual net for the square `crop` view.
+* `ResNet` is a stronger small residual net for the square `crop` view; `cellnet` is a
+  ResNet sized for a 2-core CPU (a stride-2 stem, one block per stage, ~0.3 M parameters).
 
-All models take float32 images in [0, 1] (the input pipeline scales them), shaped
+All models take float32 images, in [0, 1] or standardised per channel with the training
+images' statistics (`config.train.standardize`, applied by the train state), shaped
 `[batch, height, width, 3]`, and return logits `[batch, num_classes]`. Their `__call__` takes
 `train` as a keyword: it switches dropout (rng collection 'dropout') and, in `ResNet`, batch
 norm (train=True needs `mutable=['batch_stats']`). No model keeps Python-side state, so a
@@ -28,7 +30,7 @@ from jax import lax
 Array = jax.Array
 Initializer = Callable[..., Array]
 
-MODEL_NAMES = ('cnn', 'cnn_rnn', 'resnet')
+MODEL_NAMES = ('cnn', 'cnn_rnn', 'resnet', 'cellnet')
 CONV_IMPLS = ('xla', 'matmul', 'auto')
 PADDINGS = ('VALID', 'SAME')
 
@@ -427,7 +429,7 @@ class ResidualBlock(nn.Module):
 class ResNet(nn.Module):
   """Small residual net for square crops (e.g. 64x64 or 96x96).
 
-  Stem Conv3x3 widths[0] SAME + BN + ReLU; then one stage per width, each of
+  Stem Conv3x3 widths[0] SAME (stride `stem_strides`) + BN + ReLU; then one stage per width, each of
   `blocks_per_stage` `ResidualBlock`s, the first block of every stage after the first with
   stride 2; global average pool -> Dropout -> Dense num_classes. Global pooling makes the
   parameter count independent of the input size.
@@ -439,11 +441,13 @@ class ResNet(nn.Module):
   blocks_per_stage: int = 2
   dropout_rate: float = 0.2
   bn_momentum: float = 0.9
+  stem_strides: int = 1
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> Array:
-    """Images [batch, height, width, 3] in [0, 1] -> logits [batch, num_classes]."""
-    x = Conv3x3(self.widths[0], padding='SAME', use_bias=False, conv_impl=self.conv_impl)(x)
+    """Images [batch, height, width, 3] -> logits [batch, num_classes]."""
+    x = Conv3x3(self.widths[0], self.stem_strides, padding='SAME', use_bias=False,
+                conv_impl=self.conv_impl)(x)
     x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum)(x)
     x = nn.relu(x)
     for stage, features in enumerate(self.widths):
@@ -459,7 +463,18 @@ class ResNet(nn.Module):
 # Registry
 # --------------------------------------------------------------------------------------------
 
-_MODELS: dict[str, type[nn.Module]] = {'cnn': CNN, 'cnn_rnn': CNNRNN, 'resnet': ResNet}
+def CellNet(**kwargs) -> ResNet:  # pylint: disable=invalid-name
+  """The crop network of the strong baseline (`configs/baseline.py`): a ResNet for 64 px
+  windows on a 2-core CPU. The stride-2 stem halves the resolution before any block (a
+  64 px window holds a ~45 px cell, whose lobes and granules survive at 32x32 features),
+  and one block per stage of widths 16-128 keeps 308,052 parameters at ~230 train
+  images/s per core pair (scripts/benchmark.py), so thousands of updates fit in minutes."""
+  return ResNet(**{'widths': (16, 32, 64, 128), 'blocks_per_stage': 1, 'stem_strides': 2,
+                   **kwargs})
+
+
+_MODELS: dict[str, Callable[..., nn.Module]] = {
+    'cnn': CNN, 'cnn_rnn': CNNRNN, 'resnet': ResNet, 'cellnet': CellNet}
 
 
 def get_model(name: str, *, num_classes: int, conv_impl: str = 'auto', **kwargs) -> nn.Module:

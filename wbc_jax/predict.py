@@ -50,7 +50,12 @@ def load_run(run_dir: str):
                  else (config.data.crop_size, config.data.crop_size, 3))
   model = models.get_model(results['model'], num_classes=len(class_names),
                            conv_impl=config.train.conv_impl)
-  programs = train.make_programs(model, train.make_optimizer(config.train), image_shape)
+  # The run's own step options and test-time augmentation: the state's layout (a moving
+  # average or not) and the evaluation follow the config it was trained with.
+  programs = train.make_programs(
+      model, train.make_optimizer(config.train), image_shape,
+      options=train.StepOptions.from_config(config, augment=False),
+      tta=bool(config.train.get('tta', False)))
   try:
     state = train.restore_run_state(
         run_dir, jax.eval_shape(programs.init, train.seed_keys(results['seeds'])))
@@ -58,8 +63,9 @@ def load_run(run_dir: str):
     raise PredictError(str(e)) from e
 
   def predict(images_uint8: np.ndarray) -> np.ndarray:
+    # The standardisation stored in the state: the training images' statistics.
     probs = train.predict_probs(programs.predict, state.best_params, state.best_batch_stats,
-                                images_uint8, config.train.eval_batch_size)
+                                images_uint8, config.train.eval_batch_size, state.input_norm)
     return probs.mean(axis=0)
 
   return config, class_names, predict

@@ -10,9 +10,19 @@ The vmapped seed axis is split over the devices of `config.mesh` (`wbc_jax.shard
 the programs are jitted with declared shardings, the state is created and restored
 already split, and each process feeds the seeds that its devices hold.
 
-Model selection follows the paper: per seed, the parameters of the epoch with the best
-validation accuracy (the first such epoch on ties) are kept in the state and are the
-ones tested. The test split is evaluated each epoch only for the curves.
+Model selection (`config.train.select`): per seed, the parameters of the epoch with the best
+validation accuracy (the first such epoch on ties) are kept in the state and are the ones
+tested, as the paper did ('val_accuracy', the default); or the best validation balanced
+accuracy, or lowest validation loss; or 'last', a fixed schedule evaluated at its end (with
+`ema_decay`, the moving average of the weights), which never chases the noise of a
+validation set of ~30 images. The test split is evaluated each epoch only for the curves.
+
+The strong-baseline recipe (`configs/baseline.py`) adds, each a config field: inputs
+standardised per channel with the training images' statistics (kept in the state, so
+prediction applies the same), augmentation inside the jitted step (`wbc_jax.augment`),
+class-balanced sampling, label smoothing, a logit-adjusted loss, AdamW with warm-up and
+cosine decay, an exponential moving average of the weights, and test-time augmentation
+(the mean over the 8 flips and rotations by 90 degrees) in every evaluation.
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from wbc_jax import augment as augment_lib
 from wbc_jax import input_pipeline as ip
 from wbc_jax import metrics as metrics_lib
 from wbc_jax import models
@@ -52,12 +63,41 @@ class TrainState:
   rng: jax.Array           # uint32 [2], the seed's training key
   best_params: PyTree
   best_batch_stats: PyTree
-  best_val_accuracy: jax.Array  # float32 [], -1 before the first evaluation
+  best_score: jax.Array    # float32 [], the selection score of best_*; -inf before any
   best_epoch: jax.Array    # int32 [], 0 before the first evaluation
+  ema_params: PyTree       # {} unless train.ema_decay > 0
+  ema_batch_stats: PyTree  # {} unless train.ema_decay > 0 and the model has batch norm
+  input_mean: jax.Array    # float32 [3]: images are standardised as (x - mean) / std;
+  input_std: jax.Array     # 0 and 1 (no change) unless train.standardize
+
+  def eval_variables(self) -> tuple[PyTree, PyTree]:
+    """The (params, batch_stats) evaluated each epoch: the moving average when kept."""
+    if self.ema_params:
+      return self.ema_params, (self.ema_batch_stats if self.batch_stats else self.batch_stats)
+    return self.params, self.batch_stats
+
+  @property
+  def input_norm(self) -> tuple[jax.Array, jax.Array]:
+    return self.input_mean, self.input_std
 
 
-def make_optimizer(train_config) -> optax.GradientTransformation:
+SCHEDULES = ('constant', 'warmup_cosine')
+SELECTIONS = ('val_accuracy', 'val_balanced_accuracy', 'val_loss', 'last')
+
+
+def make_optimizer(train_config, total_steps: int = 1) -> optax.GradientTransformation:
+  """The optimizer of `config.train`; total_steps sets the length of a decaying schedule
+  (its state's structure does not depend on it, so restoring may pass the default)."""
   name, lr = train_config.optimizer, train_config.learning_rate
+  schedule = train_config.get('schedule', 'constant')
+  if schedule not in SCHEDULES:
+    raise ValueError(f"config.train.schedule: unknown schedule {schedule!r}; expected one of "
+                     f"{', '.join(SCHEDULES)}.")
+  if schedule == 'warmup_cosine':
+    warmup = min(int(train_config.warmup_steps), max(total_steps - 1, 0))
+    lr = optax.warmup_cosine_decay_schedule(
+        0.0, lr, warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1),
+        end_value=lr * train_config.get('final_lr_fraction', 0.0))
   if name == 'adam':
     # eps=1e-7 is Keras' default, which the paper used.
     return optax.adam(lr, eps=1e-7)
@@ -70,18 +110,65 @@ def make_optimizer(train_config) -> optax.GradientTransformation:
 
 
 def create_train_state(key: jax.Array, *, model: nn.Module, tx: optax.GradientTransformation,
-                       image_shape: tuple[int, int, int]) -> TrainState:
+                       image_shape: tuple[int, int, int], ema: bool = False) -> TrainState:
   """Initialises one seed. key: the seed's PRNG key [2]."""
   init_key, train_key = jax.random.split(key)
   variables = model.init({'params': init_key, 'dropout': init_key},
                          jnp.zeros((1, *image_shape), jnp.float32), train=False)
   params = variables['params']
   batch_stats = variables.get('batch_stats', {})
+  channels = image_shape[-1]
   return TrainState(
       step=jnp.zeros((), jnp.int32), epoch=jnp.zeros((), jnp.int32),
       params=params, batch_stats=batch_stats, opt_state=tx.init(params), rng=train_key,
       best_params=params, best_batch_stats=batch_stats,
-      best_val_accuracy=jnp.full((), -1.0, jnp.float32), best_epoch=jnp.zeros((), jnp.int32))
+      best_score=jnp.full((), -jnp.inf, jnp.float32), best_epoch=jnp.zeros((), jnp.int32),
+      ema_params=params if ema else {}, ema_batch_stats=batch_stats if ema else {},
+      input_mean=jnp.zeros((channels,), jnp.float32),
+      input_std=jnp.ones((channels,), jnp.float32))
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+  """The static choices of the train step (hashable: part of the jitted program).
+
+  augment: the in-step augmentation (None: none here; the tf.data one may have run).
+  label_smoothing: the target's mass spread evenly over the classes.
+  ema_decay: the moving average's decay (0: none kept).
+  """
+  augment: augment_lib.AugmentSpec | None = None
+  label_smoothing: float = 0.0
+  ema_decay: float = 0.0
+
+  @classmethod
+  def from_config(cls, config, *, augment: bool) -> 'StepOptions':
+    tc, aug = config.train, config.augment
+    in_step = augment and aug.get('impl', 'tfdata') == 'jax'
+    return cls(augment=augment_lib.AugmentSpec.from_config(aug) if in_step else None,
+               label_smoothing=float(tc.get('label_smoothing', 0.0)),
+               ema_decay=float(tc.get('ema_decay', 0.0)))
+
+
+def loss_constants(labels: np.ndarray, num_classes: int, train_config) -> dict[str, np.ndarray]:
+  """The train step's per-run constants, from the training labels (real + synthetic).
+
+  class_weights [C]: inverse class frequency with train.class_weighting, else ones.
+  logit_offset [C]: tau * log(class prior) with train.logit_adjust_tau = tau > 0, else
+    zeros. Added to the logits in the loss only (Menon et al., 2021, "Long-tail learning
+    via logit adjustment"), it makes the unadjusted logits estimate a class-balanced
+    posterior: the minority classes are not argued down by their prior.
+  """
+  tau = float(train_config.get('logit_adjust_tau', 0.0))
+  counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+  prior = np.maximum(counts, 1) / max(counts.sum(), 1)
+  return {'class_weights': class_weights_for(labels, num_classes, train_config.class_weighting),
+          'logit_offset': (tau * np.log(prior) if tau > 0 else np.zeros(num_classes))
+          .astype(np.float32)}
+
+
+def _standardize(images: jax.Array, norm: tuple[jax.Array, jax.Array]) -> jax.Array:
+  mean, std = norm
+  return (images - mean) / std
 
 
 def _apply(model, params, batch_stats, images, *, train, rng=None):
@@ -96,20 +183,33 @@ def _apply(model, params, batch_stats, images, *, train, rng=None):
   return model.apply(variables, images, train=False), batch_stats
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], class_weights: jax.Array, *,
-               model: nn.Module, tx: optax.GradientTransformation) -> tuple[TrainState, dict]:
+def train_step(state: TrainState, batch: dict[str, jax.Array], consts: dict[str, jax.Array], *,
+               model: nn.Module, tx: optax.GradientTransformation,
+               options: StepOptions = StepOptions()) -> tuple[TrainState, dict]:
   """One optimizer step of one seed.
 
-  batch: {'image': float32 [B, H, W, 3], 'label': int32 [B]}; class_weights: [C].
+  batch: {'image': float32 [B, H, W, 3] in [0, 1], 'label': int32 [B]};
+  consts: `loss_constants` ({'class_weights': [C], 'logit_offset': [C]}).
   Returns the new state and {'loss', 'correct', 'count'} summed over the batch.
   """
   rng = jax.random.fold_in(state.rng, state.step)
   labels = batch['label']
-  weights = class_weights[labels]
+  weights = consts['class_weights'][labels]
+  images = batch['image']
+  if options.augment is not None:
+    # A key of its own: dropout draws the same numbers with the augmentation on or off.
+    images = augment_lib.augment_batch(images, jax.random.fold_in(rng, 0xA06), options.augment)
+  images = _standardize(images, state.input_norm)
 
   def loss_fn(params):
-    logits, new_bs = _apply(model, params, state.batch_stats, batch['image'], train=True, rng=rng)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    logits, new_bs = _apply(model, params, state.batch_stats, images, train=True, rng=rng)
+    adjusted = logits + consts['logit_offset']
+    if options.label_smoothing > 0:
+      targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]),
+                                    options.label_smoothing)
+      ce = optax.softmax_cross_entropy(adjusted, targets)
+    else:
+      ce = optax.softmax_cross_entropy_with_integer_labels(adjusted, labels)
     # Keras' class_weight semantics: a weighted mean over the batch with weights
     # normalised by the batch size (not by their sum).
     return jnp.mean(ce * weights), (logits, new_bs, ce)
@@ -119,27 +219,62 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], class_weights: ja
   params = optax.apply_updates(state.params, updates)
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_bs,
                             opt_state=opt_state)
+  if options.ema_decay > 0:
+    # The decay ramps up as (1 + t) / (10 + t) (TensorFlow's num_updates rule), so the
+    # average is not dominated by the initial weights in a run of a few thousand steps.
+    t = state.step.astype(jnp.float32)
+    decay = jnp.minimum(options.ema_decay, (1 + t) / (10 + t))
+    ema = lambda old, new: jax.tree.map(lambda o, n: decay * o + (1 - decay) * n, old, new)
+    new_state = new_state.replace(ema_params=ema(state.ema_params, params),
+                                  ema_batch_stats=ema(state.ema_batch_stats, new_bs))
   metrics = {'loss': jnp.sum(ce), 'correct': jnp.sum(jnp.argmax(logits, -1) == labels),
              'count': jnp.asarray(labels.shape[0], jnp.int32)}
   return new_state, metrics
 
 
-def predict_step(params: PyTree, batch_stats: PyTree, images: jax.Array, *,
-                 model: nn.Module) -> jax.Array:
-  """Class probabilities of one seed. images [B, H, W, 3] -> [B, C]."""
-  logits, _ = _apply(model, params, batch_stats, images, train=False)
+def predict_step(params: PyTree, batch_stats: PyTree, images: jax.Array,
+                 norm: tuple[jax.Array, jax.Array], *, model: nn.Module,
+                 tta: bool = False) -> jax.Array:
+  """Class probabilities of one seed. images [B, H, W, 3] in [0, 1] -> [B, C].
+
+  norm: (mean [3], std [3]) of the standardisation. tta: the mean of the probabilities
+  of the 8 flips and rotations by 90 degrees (square images).
+  """
+  if tta:
+    if images.shape[1] != images.shape[2]:
+      raise ValueError(f'config.train.tta needs square images, got {images.shape[1]}x'
+                       f'{images.shape[2]}.')
+    views = augment_lib.d4_views(images)  # [8, B, H, W, 3]
+    probs = predict_step(params, batch_stats, views.reshape(-1, *images.shape[1:]), norm,
+                         model=model)
+    return probs.reshape(8, images.shape[0], -1).mean(axis=0)
+  logits, _ = _apply(model, params, batch_stats, _standardize(images, norm), train=False)
   return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
 
-def select_best(state: TrainState, val_accuracy: jax.Array) -> TrainState:
-  """Keeps this epoch's parameters where validation accuracy improved (one seed)."""
-  better = val_accuracy > state.best_val_accuracy
+def select_best(state: TrainState, score: jax.Array) -> TrainState:
+  """Keeps the evaluated parameters (`TrainState.eval_variables`) of this epoch where the
+  selection score (higher is better) improved; the first best epoch on ties (one seed)."""
+  better = score > state.best_score
   pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(better, a, b), new, old)
+  params, batch_stats = state.eval_variables()
   return state.replace(
-      best_params=pick(state.params, state.best_params),
-      best_batch_stats=pick(state.batch_stats, state.best_batch_stats),
-      best_val_accuracy=jnp.where(better, val_accuracy, state.best_val_accuracy),
+      best_params=pick(params, state.best_params),
+      best_batch_stats=pick(batch_stats, state.best_batch_stats),
+      best_score=jnp.where(better, score, state.best_score),
       best_epoch=jnp.where(better, state.epoch, state.best_epoch))
+
+
+def selection_score(select: str, row: dict) -> np.ndarray:
+  """The per-seed score [S] that `select_best` maximises, from one epoch's metrics row."""
+  if select not in SELECTIONS:
+    raise ValueError(f"config.train.select: unknown rule {select!r}; expected one of "
+                     f"{', '.join(SELECTIONS)}.")
+  if select == 'last':
+    return np.full(len(row['val_acc']), float(row['epoch']), np.float32)
+  key = {'val_accuracy': 'val_acc', 'val_balanced_accuracy': 'val_bacc'}.get(select)
+  score = np.asarray(row[key]) if key else -np.asarray(row['val_loss'])
+  return score.astype(np.float32)
 
 
 @dataclasses.dataclass
@@ -151,9 +286,11 @@ class Programs:
   [B, H, W, 3] and class weights replicated (numpy is fine for those). Pass the seed keys
   and batches as global arrays (`sharding.put`), the state as these programs return it.
     init(keys [S, 2])                                 -> state
-    train_step(state, batch, class_weights [C])       -> state, {'loss', 'correct', 'count': [S]}
-    predict(params, batch_stats, images [B, H, W, 3]) -> probabilities [S, B, C]
-    select_best(state, val_accuracy [S])              -> state
+    train_step(state, batch, consts)                  -> state, {'loss', 'correct', 'count': [S]}
+      (consts: `loss_constants`, the same for every seed)
+    predict(params, batch_stats, images [B, H, W, 3], norm ([S, 3], [S, 3]))
+                                                      -> probabilities [S, B, C]
+    select_best(state, score [S])                     -> state
   The state is donated to train_step and select_best.
   """
   init: Callable
@@ -167,28 +304,32 @@ class Programs:
 
 def make_programs(model: nn.Module, tx: optax.GradientTransformation,
                   image_shape: tuple[int, int, int],
-                  mesh: jax.sharding.Mesh | None = None) -> Programs:
+                  mesh: jax.sharding.Mesh | None = None, *,
+                  options: StepOptions = StepOptions(), tta: bool = False) -> Programs:
   """The seed-vmapped programs on `mesh` (default: one device, a plain jit's layout)."""
   mesh = sharding.single_device_mesh() if mesh is None else mesh
   by_seed, by_seed_data = sharding.seed_sharding(mesh), sharding.batch_sharding(mesh)
   everywhere = sharding.replicated(mesh)
   # One sharding per argument is a pytree prefix: it applies to every leaf of the state.
   init = jax.jit(jax.vmap(functools.partial(create_train_state, model=model, tx=tx,
-                                            image_shape=image_shape)),
+                                            image_shape=image_shape,
+                                            ema=options.ema_decay > 0)),
                  in_shardings=by_seed, out_shardings=by_seed)
-  step = jax.jit(jax.vmap(functools.partial(train_step, model=model, tx=tx), in_axes=(0, 0, None)),
+  step = jax.jit(jax.vmap(functools.partial(train_step, model=model, tx=tx, options=options),
+                          in_axes=(0, 0, None)),
                  in_shardings=(by_seed, by_seed_data, everywhere),
                  out_shardings=(by_seed, by_seed), donate_argnums=0)
-  vmapped_predict = jax.vmap(functools.partial(predict_step, model=model), in_axes=(0, 0, None))
+  vmapped_predict = jax.vmap(functools.partial(predict_step, model=model, tta=tta),
+                             in_axes=(0, 0, None, 0))
 
-  def predict_sharded(params, batch_stats, images):
+  def predict_sharded(params, batch_stats, images, norm):
     if mesh.shape[sharding.DATA] > 1:
       # The eval batch arrives whole on every device (numpy, any batch size); each
       # device along 'data' keeps its rows, so the seeds' predictions split the work.
       images = jax.lax.with_sharding_constraint(images, sharding.data_sharding(mesh))
-    return vmapped_predict(params, batch_stats, images)
+    return vmapped_predict(params, batch_stats, images, norm)
 
-  predict = jax.jit(predict_sharded, in_shardings=(by_seed, by_seed, everywhere),
+  predict = jax.jit(predict_sharded, in_shardings=(by_seed, by_seed, everywhere, by_seed),
                     out_shardings=by_seed)
   select = jax.jit(jax.vmap(select_best), in_shardings=(by_seed, by_seed),
                    out_shardings=by_seed, donate_argnums=0)
@@ -196,15 +337,16 @@ def make_programs(model: nn.Module, tx: optax.GradientTransformation,
 
 
 def predict_probs(predict: Callable, params: PyTree, batch_stats: PyTree, images: np.ndarray,
-                  batch_size: int) -> np.ndarray:
+                  batch_size: int, norm: tuple[jax.Array, jax.Array]) -> np.ndarray:
   """Exact masked evaluation: probabilities [S, N, C] of every example, once each.
 
-  The padded rows of the last batch are dropped by the mask on the host, after the
-  probabilities are gathered whole: the count never depends on the mesh.
+  norm: the state's `input_norm` ([S, 3] each). The padded rows of the last batch are
+  dropped by the mask on the host, after the probabilities are gathered whole: the count
+  never depends on the mesh.
   """
   outs = []
   for batch in ip.eval_batches(images, np.zeros(len(images), np.int32), batch_size):
-    probs = predict(params, batch_stats, batch['image'])
+    probs = predict(params, batch_stats, batch['image'], norm)
     outs.append(sharding.to_host(probs)[:, batch['mask']])
   return np.concatenate(outs, axis=1)
 
@@ -248,6 +390,11 @@ def epoch_steps(train_config, *, num_real: int, num_extra: int) -> int:
   with synthetic images gets the same number of updates as one without ('all' gives a class
   topped up to 300 images about five times more). max_steps_per_epoch > 0 caps either.
   """
+  fixed = int(train_config.get('steps_per_epoch', -1))
+  if fixed > 0:
+    # An epoch of fixed length: the evaluation period of a schedule counted in updates.
+    return fixed if train_config.max_steps_per_epoch <= 0 else min(
+        fixed, train_config.max_steps_per_epoch)
   basis = train_config.get('steps_per_epoch_basis', 'all')
   if basis not in ('all', 'real'):
     raise ValueError(f"config.train.steps_per_epoch_basis: unknown value {basis!r}; expected "
@@ -257,6 +404,18 @@ def epoch_steps(train_config, *, num_real: int, num_extra: int) -> int:
   if train_config.max_steps_per_epoch > 0:
     steps = min(steps, train_config.max_steps_per_epoch)
   return steps
+
+
+_PROGRAMS: dict = {}
+
+
+def _cached_programs(key, build: Callable[[bool], Programs], tta: bool) -> Programs:
+  """make_programs, built once per (settings, tta) in this process; few entries are kept."""
+  if (key, tta) not in _PROGRAMS:
+    if len(_PROGRAMS) >= 4:
+      _PROGRAMS.pop(next(iter(_PROGRAMS)))
+    _PROGRAMS[(key, tta)] = build(tta)
+  return _PROGRAMS[(key, tta)]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -289,17 +448,27 @@ def train_and_evaluate(config, workdir: str, *, examples: ip.Examples, split: ip
   image_shape = tuple(examples.images.shape[1:])
   train_x, train_y = examples.images[split.train], examples.labels[split.train]
   model = models.get_model(model_name, num_classes=num_classes, conv_impl=tc.conv_impl)
-  tx = make_optimizer(tc)
-  programs = make_programs(model, tx, image_shape, mesh)
+  augment_lib.check_impl(config.augment.get('impl', 'tfdata'), config.augment)
+  options = StepOptions.from_config(config, augment=augment)
+  select = tc.get('select', 'val_accuracy')
+  selection_score(select, {'epoch': 0, 'val_acc': [], 'val_bacc': [], 'val_loss': []})
+  sampling = tc.get('sampling', 'uniform')
+  n_train = len(train_y) + (0 if extra is None else len(extra[1]))
+  all_train_y = train_y if extra is None else np.concatenate([train_y, extra[1]])
+  steps = epoch_steps(tc, num_real=len(train_y), num_extra=n_train - len(train_y))
+  tx = make_optimizer(tc, total_steps=tc.epochs * steps)
+  # The folds of a cross-validation share every shape and setting: one compilation serves
+  # them all (the key holds everything the programs close over).
+  program_key = (model_name, num_classes, tc.to_json(), image_shape, mesh.shape_tuple,
+                 tuple(d.id for d in mesh.devices.flat), options, steps)
+  programs = _cached_programs(program_key, lambda tta: make_programs(
+      model, tx, image_shape, mesh, options=options, tta=tta), bool(tc.get('tta', False)))
   # This process builds the batches of the seeds its devices hold, and only those: a
   # seed's order and augmentation draws do not depend on the seeds beside it.
   local_rows = sharding.local_seed_rows(programs.seed_sharding, len(seeds))
   local_seeds = [seeds[i] for i in local_rows]
 
-  n_train = len(train_y) + (0 if extra is None else len(extra[1]))
-  all_train_y = train_y if extra is None else np.concatenate([train_y, extra[1]])
-  class_weights = class_weights_for(all_train_y, num_classes, tc.class_weighting)
-  steps = epoch_steps(tc, num_real=len(train_y), num_extra=n_train - len(train_y))
+  consts = loss_constants(all_train_y, num_classes, tc)
 
   keys = sharding.put(np.asarray(seed_keys(seeds)), programs.seed_sharding)
   history: list[dict] = []
@@ -317,6 +486,12 @@ def train_and_evaluate(config, workdir: str, *, examples: ip.Examples, split: ip
     log(f'  resumed from epoch {start_epoch} ({workdir})')
   else:
     state = programs.init(keys)
+    if tc.get('standardize', False):
+      # The real training images' statistics only: validation and test images never
+      # shape the input; kept in the state, so a restored run standardises the same.
+      mean, std = ip.channel_stats(train_x)
+      put = lambda v: sharding.put(np.tile(v, (len(seeds), 1)), programs.seed_sharding)
+      state = state.replace(input_mean=put(mean), input_std=put(std))
 
   # Validation is needed every epoch (model selection); the train and test curves are
   # optional, and evaluating the training images costs as much as a third of an epoch.
@@ -332,12 +507,13 @@ def train_and_evaluate(config, workdir: str, *, examples: ip.Examples, split: ip
     t0 = time.time()
     step_metrics = []
     batches = ip.train_batches(train_x, train_y, seeds=local_seeds, epoch=epoch,
-                               batch_size=tc.batch_size, aug=config.augment, augment=augment,
-                               extra=extra, max_steps=steps)
+                               batch_size=tc.batch_size, aug=config.augment,
+                               augment=augment and options.augment is None,
+                               extra=extra, max_steps=steps, sampling=sampling, steps=steps)
     for batch in batches:
       batch = {k: sharding.put_seed_rows(v, local_rows, programs.batch_sharding, len(seeds))
                for k, v in batch.items()}
-      state, m = programs.train_step(state, batch, class_weights)
+      state, m = programs.train_step(state, batch, consts)
       step_metrics.append(m)
     m = jax.tree.map(lambda *xs: np.stack(xs), *sharding.to_host(step_metrics))
     bad = ~np.isfinite(m['loss'])
@@ -352,13 +528,15 @@ def train_and_evaluate(config, workdir: str, *, examples: ip.Examples, split: ip
     row = {'epoch': epoch + 1,
            'train_aug_loss': (m['loss'].sum(0) / m['count'].sum(0)).tolist(),
            'train_aug_acc': (m['correct'].sum(0) / m['count'].sum(0)).tolist()}
+    eval_params, eval_stats = state.eval_variables()
     for name, (x, y) in eval_sets.items():
-      probs = predict_probs(programs.predict, state.params, state.batch_stats, x,
-                            tc.eval_batch_size)
+      probs = predict_probs(programs.predict, eval_params, eval_stats, x, tc.eval_batch_size,
+                            state.input_norm)
       row[f'{name}_loss'] = _nll(y, probs).tolist()
       row[f'{name}_acc'] = (probs.argmax(-1) == y[None]).mean(axis=1).tolist()
+      row[f'{name}_bacc'] = [metrics_lib.balanced_accuracy(y, p.argmax(-1)) for p in probs]
     state = programs.select_best(
-        state, sharding.put(np.asarray(row['val_acc'], np.float32), programs.seed_sharding))
+        state, sharding.put(selection_score(select, row), programs.seed_sharding))
     epoch_secs = time.time() - t0
     row.update(seconds=epoch_secs, train_images_per_second=steps * tc.batch_size * len(seeds)
                / max(train_secs, 1e-9))
@@ -370,7 +548,7 @@ def train_and_evaluate(config, workdir: str, *, examples: ip.Examples, split: ip
         f'{row["train_images_per_second"]:6.1f} img/s  '
         f'loss {np.mean(row["train_aug_loss"]):.3f}  '
         f'train {np.mean(row.get("train_acc", row["train_aug_acc"])):.3f}  '
-        f'val {np.mean(row["val_acc"]):.3f}  '
+        f'val {np.mean(row["val_acc"]):.3f} (bal. {np.mean(row["val_bacc"]):.3f})  '
         f'ETA {utils.format_duration(eta)}')
     last = epoch + 1 == tc.epochs
     if last or (epoch + 1) % tc.checkpoint_every_epochs == 0:
@@ -387,10 +565,13 @@ def train_and_evaluate(config, workdir: str, *, examples: ip.Examples, split: ip
   eval_final = {'train': (train_x, train_y),
                 'val': (examples.images[split.val], examples.labels[split.val]),
                 'test': (examples.images[split.test], examples.labels[split.test])}
-  best_epoch, best_val_accuracy = sharding.to_host((state.best_epoch, state.best_val_accuracy))
+  best_epoch, best_score = sharding.to_host((state.best_epoch, state.best_score))
+  by_epoch = {r['epoch']: r for r in history}
   results = {'model': model_name, 'split': split.name, 'seeds': seeds,
              'best_epoch': best_epoch.tolist(),
-             'best_val_accuracy': best_val_accuracy.tolist(),
+             'best_val_accuracy': [float(by_epoch[int(e)]['val_acc'][i])
+                                   for i, e in enumerate(best_epoch)],
+             'select': select, 'best_score': best_score.tolist(),
              'num_params': models.count_params(state.params) // len(seeds),
              'n_train_real': len(train_y), 'n_train_extra': 0 if extra is None else len(extra[1]),
              'class_names': list(examples.class_names),
@@ -399,7 +580,7 @@ def train_and_evaluate(config, workdir: str, *, examples: ip.Examples, split: ip
   arrays = {}
   for name, (x, y) in eval_final.items():
     probs = predict_probs(programs.predict, state.best_params, state.best_batch_stats, x,
-                          tc.eval_batch_size)
+                          tc.eval_batch_size, state.input_norm)
     results['splits'][name] = _split_metrics(y, probs, examples.class_names)
     if name != 'train':
       idx = getattr(split, name)
@@ -407,6 +588,22 @@ def train_and_evaluate(config, workdir: str, *, examples: ip.Examples, split: ip
                      f'{name}_image_ids': examples.image_ids[idx]})
   results['majority_baseline'] = metrics_lib.majority_baseline(
       train_y, examples.labels[split.test], num_classes)
+  # What test-time augmentation and the moving average each bought, measured on the same
+  # trained seeds: the test predictions without one of them (no retraining needed).
+  variants = {}
+  if tc.get('tta', False):
+    plain = _cached_programs(program_key, lambda tta: make_programs(
+        model, tx, image_shape, mesh, options=options, tta=tta), False)
+    variants['no_tta'] = (plain.predict, state.best_params, state.best_batch_stats)
+  if options.ema_decay > 0 and select == 'last':
+    variants['no_ema'] = (programs.predict, state.params, state.batch_stats)
+  x_test, y_test = eval_final['test']
+  results['test_variants'] = {}
+  for name, (predict, params, batch_stats) in variants.items():
+    probs = predict_probs(predict, params, batch_stats, x_test, tc.eval_batch_size,
+                          state.input_norm)
+    results['test_variants'][name] = _split_metrics(y_test, probs, examples.class_names)
+    arrays[f'test_probs_{name}'] = probs
   if write:
     np.savez(os.path.join(workdir, 'predictions.npz'), **arrays)
     _write_figures(workdir, history, results, examples.class_names)

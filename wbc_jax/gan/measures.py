@@ -202,9 +202,14 @@ def restore_seed0(run_dir: str) -> tuple[nn.Module, dict]:
                            conv_impl=config.train.conv_impl)
   image_shape = ((*config.data.frame_size, 3) if config.data.view == 'frame'
                  else (config.data.crop_size, config.data.crop_size, 3))
+  if config.train.get('standardize', False):
+    # The features below are taken from images in [0, 1], as the feature CNN was trained.
+    raise ValueError(f'{run_dir}: the measures need a feature CNN trained without '
+                     'config.train.standardize.')
   init = jax.vmap(functools.partial(train.create_train_state, model=model,
                                     tx=train.make_optimizer(config.train),
-                                    image_shape=tuple(image_shape)))
+                                    image_shape=tuple(image_shape),
+                                    ema=config.train.get('ema_decay', 0.0) > 0))
   state = train.restore_run_state(run_dir, jax.eval_shape(init, train.seed_keys(results['seeds'])))
   seed0 = lambda tree: jax.tree.map(lambda a: np.asarray(a[0]), tree)
   variables = {'params': seed0(state.best_params)}
