@@ -64,7 +64,8 @@ DEFAULT_OUT = os.path.join(ROOT, 'experiments', 'benchmarks')
 NUM_CLASSES = 4
 # The frame view (the paper's input) for the paper's models and the GANs; the crop view for
 # the residual net.
-IMAGE_SHAPES = {'cnn': (60, 80, 3), 'cnn_rnn': (60, 80, 3), 'resnet': (64, 64, 3)}
+IMAGE_SHAPES = {'cnn': (60, 80, 3), 'cnn_rnn': (60, 80, 3), 'resnet': (64, 64, 3),
+                'cellnet': (64, 64, 3)}
 GAN_IMAGE_SHAPE = (60, 80, 3)
 GAN_KINDS = ('paper', 'cond')
 PEER_MODELS = ('cnn', 'cnn_rnn')
@@ -96,8 +97,9 @@ def _name_list(text: str) -> list[str]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--models', type=_name_list, default=['cnn', 'cnn_rnn', 'resnet'],
-                 help='comma-separated classifiers (cnn, cnn_rnn, resnet)')
+  p.add_argument('--models', type=_name_list, default=['cnn', 'cnn_rnn', 'resnet', 'cellnet'],
+                 help='comma-separated classifiers (cnn, cnn_rnn, resnet, cellnet; cellnet '
+                 "is timed with the strong baseline's step: in-step augmentation and EMA)")
   p.add_argument('--seeds', type=_int_list, default=[1, 4, 8],
                  help='comma-separated numbers of seeds S trained at once')
   p.add_argument('--batch', type=int, default=32, help='images per seed per step')
@@ -347,7 +349,19 @@ def build_programs(name: str, conv_impl: str):
   model = models.get_model(name, num_classes=NUM_CLASSES, conv_impl=conv_impl)
   tx = train.make_optimizer(ml_collections.ConfigDict(
       {'optimizer': 'adam', 'learning_rate': 1e-3, 'weight_decay': 0.0}))
-  return train.make_programs(model, tx, IMAGE_SHAPES[name])
+  return train.make_programs(model, tx, IMAGE_SHAPES[name], options=step_options(name))
+
+
+def step_options(name: str):
+  """The train step's options: the strong baseline's for cellnet (configs/baseline.py:
+  augmentation inside the step, EMA, TTA is an evaluation matter), none for the others."""
+  from wbc_jax import train
+
+  if name != 'cellnet':
+    return train.StepOptions()
+  sys.path.insert(0, ROOT)
+  from configs import baseline
+  return train.StepOptions.from_config(baseline.get_config('quick'), augment=True)
 
 
 def emulate_cpu_devices(n: int) -> None:

@@ -34,6 +34,8 @@ from wbc_jax import train
 from wbc_jax import utils
 
 KNOWN_REGIMES = ('original', 'original+trad', 'original+gan', 'original+gan+trad')
+# Models that are not networks: the non-deep floor (wbc_jax.floor), trained on the same splits.
+FLOOR_MODELS = ('floor',)
 # How every result of the paper protocol whose test split holds synthetic images is marked.
 LEAKY_NOTE = 'LEAKY (test includes synthetic images)'
 
@@ -53,9 +55,9 @@ def validate(config) -> None:
       raise ValueError(f'config.ablation.regimes: unknown regime {regime!r}; expected one of '
                        f'{", ".join(KNOWN_REGIMES)}.')
   for model in config.ablation.models:
-    if model not in models.MODEL_NAMES:
+    if model not in models.MODEL_NAMES + FLOOR_MODELS:
       raise ValueError(f'config.ablation.models: unknown model {model!r}; expected one of '
-                       f'{", ".join(models.MODEL_NAMES)}.')
+                       f'{", ".join(models.MODEL_NAMES + FLOOR_MODELS)}.')
   for view in config.ablation.views:
     if view not in ip.VIEWS:
       raise ValueError(f'config.ablation.views: unknown view {view!r}; expected one of '
@@ -136,7 +138,12 @@ def run(config, workdir: str, log: Callable = print) -> list[dict]:
         run_config.data.view = view
         run_config.model = model
         run_config.regime = regime
-      results = train.train_and_evaluate(
+      if model in FLOOR_MODELS:
+        from wbc_jax import floor  # scikit-learn on hand-made features: no JAX program
+        train_fn = floor.train_and_evaluate
+      else:
+        train_fn = train.train_and_evaluate
+      results = train_fn(
           run_config, rdir, examples=run_examples, split=run_split, model_name=model,
           augment=uses_trad(regime), extra=extra, log=log)
       results.update(view=view, regime=regime)
