@@ -92,7 +92,7 @@ def wbc_boxes_for(path: str, shape, box_flag: str | None) -> np.ndarray:
       y0, x0, y1, x1 = (float(v) for v in box_flag.split(','))
     except ValueError as e:
       raise PredictError(f'--box={box_flag!r}: expected four numbers ymin,xmin,ymax,xmax.') from e
-    return np.array([[y0 / h, x0 / w, y1 / h, x1 / w]])
+    return _normalised(np.array([[y0 / h, x0 / w, y1 / h, x1 / w]]))
   xml = os.path.splitext(path)[0] + '.xml'
   if not os.path.isfile(xml):
     raise PredictError(f'{path}: this run uses the crop view, which needs the WBC box; expected '
@@ -101,7 +101,13 @@ def wbc_boxes_for(path: str, shape, box_flag: str | None) -> np.ndarray:
     boxes = bccd_wbc.parse_wbc_boxes(f.read(), xml)
   if not boxes:
     raise PredictError(f'{xml}: no WBC box in the annotation.')
-  return np.array([[y0 / h, x0 / w, y1 / h, x1 / w] for y0, x0, y1, x1 in boxes])
+  return _normalised(np.array([[y0 / h, x0 / w, y1 / h, x1 / w] for y0, x0, y1, x1 in boxes]))
+
+
+def _normalised(boxes: np.ndarray) -> np.ndarray:
+  # As the TFDS builder stores them (clipped to the frame, float32): the same box then gives
+  # the same window, to the pixel, in prediction as in the dataset's view.
+  return np.clip(boxes, 0.0, 1.0).astype(np.float32)
 
 
 def predict_files(run_dir: str, paths: list[str], box: str | None = None) -> list[dict]:
