@@ -55,8 +55,9 @@ from wbc_jax import utils
 REGIME_ORDER = ('original', 'original+trad', 'original+gan', 'original+gan+trad')
 REGIME_NAMES = {'original': 'original', 'original+trad': 'trad', 'original+gan': 'GAN',
                 'original+gan+trad': 'GAN+trad'}
-MODEL_ORDER = ('cnn', 'cnn_rnn', 'resnet')
-MODEL_NAMES = {'cnn': 'CNN', 'cnn_rnn': 'CNN-RNN', 'resnet': 'ResNet'}
+MODEL_ORDER = ('cnn', 'cnn_rnn', 'resnet', 'cellnet', 'floor')
+MODEL_NAMES = {'cnn': 'CNN', 'cnn_rnn': 'CNN-RNN', 'resnet': 'ResNet', 'cellnet': 'cellnet',
+               'floor': 'non-deep floor'}
 PROTOCOL_ORDER = ('kfold', 'holdout', 'paper')
 METRIC_NAMES = {'accuracy': 'accuracy', 'balanced_accuracy': 'balanced accuracy',
                 'macro_f1': 'macro-F1'}
