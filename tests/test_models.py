@@ -220,6 +220,7 @@ def _small_model(name):
       'cnn': (models.CNN(), (12, 16, 3)),
       'cnn_rnn': (models.CNNRNN(lstm_units=8), (12, 16, 3)),
       'resnet': (models.ResNet(widths=(8, 16), blocks_per_stage=1), (16, 16, 3)),
+      'cellnet': (models.CellNet(widths=(8, 16)), (16, 16, 3)),
   }[name]
   x = _images(shape)
   variables = _generic_variables(model, x)
@@ -367,7 +368,7 @@ def test_orthogonal_init_has_orthonormal_columns_or_rows(shape):
 
 
 def test_get_model_builds_each_model_with_its_options():
-  assert models.MODEL_NAMES == ('cnn', 'cnn_rnn', 'resnet')
+  assert models.MODEL_NAMES == ('cnn', 'cnn_rnn', 'resnet', 'cellnet')
   model = models.get_model('cnn_rnn', num_classes=3, conv_impl='xla', lstm_units=8)
   assert isinstance(model, models.CNNRNN)
   assert (model.num_classes, model.conv_impl, model.lstm_units) == (3, 'xla', 8)
