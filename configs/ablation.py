@@ -101,7 +101,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.warmup_steps = 0
   c.train.final_lr_fraction = 0.0  # the cosine's end, as a fraction of the peak
   c.train.steps_per_epoch = -1  # > 0: fixed-length epochs (evaluation periods) of this many steps
-  c.train.sampling = 'uniform'  # 'uniform' | 'balanced' (each class equally often)
+  c.train.sampling = 'uniform'  # 'uniform' | 'balanced' (each class equally often) | 'sqrt'
   c.train.label_smoothing = 0.0
   c.train.logit_adjust_tau = 0.0  # > 0: logit-adjusted loss (Menon et al., 2021)
   c.train.ema_decay = 0.0     # > 0: evaluate a moving average of the weights
@@ -110,6 +110,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # 'val_loss', or 'last' (the end of a fixed schedule).
   c.train.select = 'val_accuracy'
   c.train.tta = False         # evaluate the mean over the 8 flips/rotations (square images)
+  # With tta: False evaluates the per-epoch curves without it (8x cheaper); the final
+  # evaluation always uses it. Selection rules on validation then see the plain model.
+  c.train.curve_tta = True
   c.train.class_weighting = False  # weight the loss by inverse class frequency
   c.train.conv_impl = 'auto'  # 'auto' | 'xla' | 'matmul' (see wbc_jax.models.Conv3x3)
   c.train.checkpoint_every_epochs = 5

@@ -90,8 +90,8 @@ def main(argv=None):
            'step_bare': step_runner(train.StepOptions(augment=None,
                                                       label_smoothing=with_aug.label_smoothing,
                                                       ema_decay=with_aug.ema_decay))}
-  for run in sides.values():  # compile and warm up
-    run(-1)
+  for run in sides.values():  # compile and warm up (epoch numbers are seeds: past the reps)
+    run(args.reps)
   rates = {name: [] for name in sides}
   for rep in range(args.reps):
     for name, run in sides.items():

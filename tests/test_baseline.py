@@ -158,6 +158,22 @@ def test_balanced_sampler_draws_each_class_equally_often():
                              np.bincount(labels) / len(labels), atol=0.01)
 
 
+def test_sqrt_sampler_draws_classes_by_the_root_of_their_counts():
+  labels = np.array([0] * 144 + [1] * 64 + [2] * 25 + [3] * 16)
+  order = np.concatenate([ip.balanced_epoch_indices(labels, 32, 50, seed=1, epoch=e, power=0.5)
+                          for e in range(4)])
+  freq = np.bincount(labels[order.ravel()], minlength=4) / order.size
+  # sqrt counts 12 : 8 : 5 : 4 -> 0.414, 0.276, 0.172, 0.138; SE <= 0.0062 over 6,400 draws.
+  np.testing.assert_allclose(freq, np.array([12, 8, 5, 4]) / 29, atol=0.025)
+  # Through train_batches, by name.
+  images = np.zeros((len(labels), 4, 4, 3), np.uint8)
+  batches = ip.train_batches(images, labels, seeds=[0], epoch=0, batch_size=32,
+                             aug=ml_collections.ConfigDict({}), augment=False, sampling='sqrt',
+                             steps=50)
+  got = np.bincount(np.concatenate([b['label'].ravel() for b in batches]), minlength=4) / 1600
+  np.testing.assert_allclose(got, np.array([12, 8, 5, 4]) / 29, atol=0.04)
+
+
 def test_balanced_batches_follow_the_sampler(test_config):
   labels = np.array([0] * 30 + [1] * 2)
   images = np.zeros((32, 4, 4, 3), np.uint8)
@@ -322,3 +338,43 @@ def test_baseline_config_end_to_end_and_predict_applies_the_stored_standardisati
   assert proc.returncode == 0, proc.stderr[-3000:]
   row = next(csv.DictReader(open(out)))
   assert row['predicted'] == got['predicted']
+
+
+# ----------------------------------------------------------------------------- removal table
+
+
+def _fake_removal_run(root, ids_by_fold, labels_by_fold, correct, val_accuracy):
+  """A work directory with repeat 0's folds: test predictions right where `correct` says."""
+  for k, (ids, y) in enumerate(zip(ids_by_fold, labels_by_fold)):
+    d = root / 'crop' / f'r0_k{k}' / 'original_trad' / 'cellnet'
+    d.mkdir(parents=True)
+    probs = np.full((1, len(y), 4), 0.1)
+    right = correct(np.asarray(ids))
+    probs[0, np.arange(len(y)), np.where(right, y, (y + 1) % 4)] = 0.7
+    np.savez(d / 'predictions.npz', test_probs=probs, test_probs_no_tta=probs,
+             test_probs_no_ema=probs, test_labels=y, test_image_ids=np.asarray(ids))
+    per_seed = [{'accuracy': val_accuracy, 'balanced_accuracy': val_accuracy - 0.1}]
+    json.dump({'class_names': ['EOSINOPHIL', 'LYMPHOCYTE', 'MONOCYTE', 'NEUTROPHIL'],
+               'splits': {'val': {'per_seed': per_seed}}}, open(d / 'results.json', 'w'))
+
+
+def test_removal_table_pools_repeat_zero_and_compares_with_the_full_recipe(tmp_path):
+  sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+  import removal_table
+  ids = [np.arange(0, 20), np.arange(20, 40)]
+  labels = [np.arange(20) % 4, np.arange(20) % 4]
+  _fake_removal_run(tmp_path / 'full', ids, labels, lambda i: np.ones(len(i), bool), 0.9)
+  # The arm misses every monocyte (label 2): 10 of 40 images.
+  _fake_removal_run(tmp_path / 'arm', ids, labels, lambda i: i % 4 != 2, 0.8)
+  _fake_removal_run(tmp_path / 'short', ids[:1], labels[:1], lambda i: np.ones(len(i), bool), 0.9)
+  out = tmp_path / 'removal.md'
+  removal_table.main([f'--full={tmp_path / "full"}', f'--arm=no monocytes={tmp_path / "arm"}',
+                      f'--arm=cut short={tmp_path / "short"}', f'--out={out}', '--n_boot=50'])
+  rows = {r['label']: r for r in json.load(open(tmp_path / 'removal.json'))}
+  assert rows['full recipe']['accuracy']['point'] == 1.0
+  arm = rows['no monocytes']
+  assert arm['accuracy']['point'] == 0.75 and arm['recall']['MONOCYTE'] == 0.0
+  assert arm['balanced_accuracy_minus_full']['point'] == pytest.approx(-0.25)
+  assert arm['validation'] == pytest.approx({'accuracy': 0.8, 'balanced_accuracy': 0.7})
+  assert rows['cut short']['incomplete'] == '1 of 2 folds'
+  assert '| no monocytes | 75.0' in out.read_text()

@@ -48,7 +48,9 @@ from wbc_jax import bccd_wbc
 VIEWS = ('frame', 'crop')
 CROP_MODES = ('box', 'window')
 PROTOCOLS = ('holdout', 'kfold', 'paper')
-SAMPLINGS = ('uniform', 'balanced')
+SAMPLINGS = ('uniform', 'balanced', 'sqrt')
+# Class-draw probability proportional to (class count) ** power, per class-aware sampling.
+SAMPLING_POWER = {'balanced': 0.0, 'sqrt': 0.5}
 FALLBACK_CROP_PX = 240
 
 
@@ -349,18 +351,24 @@ def epoch_indices(num_examples: int, batch_size: int, seed: int, epoch: int) -> 
 
 
 def balanced_epoch_indices(labels: np.ndarray, batch_size: int, steps: int, seed: int,
-                           epoch: int) -> np.ndarray:
-  """Class-balanced training order of one seed's epoch, int [steps, batch_size].
+                           epoch: int, power: float = 0.0) -> np.ndarray:
+  """Class-aware training order of one seed's epoch, int [steps, batch_size].
 
-  Every draw picks a class uniformly among the classes present, then an image of that
-  class; each class's images are walked through in a fresh permutation (recycled when
-  used up), so within a class no image repeats before all have been seen. Drawn from
-  (seed, epoch), like `epoch_indices`.
+  Every draw picks a class with probability proportional to (its image count) ** power
+  among the classes present (power 0: each class equally often; 0.5: square-root
+  sampling, between balanced and the natural frequencies; 1: the natural frequencies),
+  then an image of that class; each class's images are walked through in a fresh
+  permutation (recycled when used up), so within a class no image repeats before all
+  have been seen. Drawn from (seed, epoch), like `epoch_indices`.
   """
   labels = np.asarray(labels)
   rng = np.random.default_rng([seed, epoch, 0xBA1])
-  classes = np.unique(labels)
-  picks = classes[rng.integers(0, len(classes), steps * batch_size)]
+  classes, counts = np.unique(labels, return_counts=True)
+  if power == 0:  # the balanced draw as recorded runs made it
+    picks = classes[rng.integers(0, len(classes), steps * batch_size)]
+  else:
+    weights = counts.astype(np.float64) ** power
+    picks = classes[rng.choice(len(classes), steps * batch_size, p=weights / weights.sum())]
   order = np.empty(steps * batch_size, np.int64)
   for c in classes:
     members = np.flatnonzero(labels == c)
@@ -385,8 +393,9 @@ def train_batches(images: np.ndarray, labels: np.ndarray, *, seeds, epoch: int, 
   extra:  optional (uint8 [M, H, W, 3], int [M]) synthetic images, appended to the
           training set of every seed; they never reach an evaluation split.
   max_steps: if > 0, only the first max_steps batches (short test runs).
-  sampling: 'uniform' (each image once per epoch, `epoch_indices`) or 'balanced' (each
-          class equally often, `balanced_epoch_indices`, `steps` batches; default: as
+  sampling: 'uniform' (each image once per epoch, `epoch_indices`), 'balanced' (each
+          class equally often) or 'sqrt' (classes in proportion to the square root of
+          their counts), both `balanced_epoch_indices` with `steps` batches (default: as
           many as a uniform epoch).
   Each seed has its own order and augmentation draws, both derived from (seed, epoch).
   Returns [{'image': float32 [S, B, H, W, 3], 'label': int32 [S, B]}] * steps.
@@ -399,9 +408,10 @@ def train_batches(images: np.ndarray, labels: np.ndarray, *, seeds, epoch: int, 
   if sampling not in SAMPLINGS:
     raise ValueError(f"config.train.sampling: unknown value {sampling!r}; expected one of "
                      f"{', '.join(SAMPLINGS)}.")
-  if sampling == 'balanced':
+  if sampling in SAMPLING_POWER:
     n_steps = steps or steps_per_epoch(len(labels), batch_size)
-    order = np.stack([balanced_epoch_indices(labels, batch_size, n_steps, s, epoch)
+    order = np.stack([balanced_epoch_indices(labels, batch_size, n_steps, s, epoch,
+                                             power=SAMPLING_POWER[sampling])
                       for s in seeds], axis=1)
   else:
     order = np.stack([epoch_indices(len(labels), batch_size, s, epoch) for s in seeds], axis=1)
