@@ -105,7 +105,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument('--batch', type=int, default=32, help='images per seed per step')
   p.add_argument('--reps', type=int, default=5, help='timed repetitions of each step')
   p.add_argument('--warmup', type=int, default=1, help='untimed steps after the first call')
-  p.add_argument('--conv_impl', default='auto', choices=('auto', 'xla', 'matmul'),
+  p.add_argument('--conv_impl', default='auto', choices=('auto', 'xla', 'matmul', 'onednn'),
                  help="wbc_jax's 3x3 convolution (see wbc_jax.models.Conv3x3)")
   p.add_argument('--matmul_size', type=int, default=2048, help='N of the reference matmul')
   p.add_argument('--gan_seeds', type=_int_list, default=[1],
