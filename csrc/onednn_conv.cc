@@ -15,12 +15,15 @@
 // in one custom call rather than S custom calls in a while loop.
 //
 // oneDNN primitives are built once per shape and kept in a process-wide cache: building one
-// JIT-compiles a kernel (milliseconds), running it is the fast part. Source and destination
-// stay in the caller's NHWC layout (oneDNN's AVX-512 kernels read NHWC directly, so there is no
-// activation reorder); the weights get the blocked layout the primitive asks for, reordered
-// from (or, for the weight gradient, to) HWIO on each call, which is cheap at these sizes.
-// The scratchpad is the caller's (scratchpad_mode::user), a per-thread buffer, because XLA may
-// run independent custom calls on several of its threads at once.
+// JIT-compiles a kernel (milliseconds), running it is the fast part. The forward and
+// backward-data passes run on the caller's NHWC activations directly (oneDNN's AVX2/AVX-512
+// kernels read NHWC, so there is no activation copy); the weight gradient lets oneDNN choose
+// blocked activation layouts and reorders into them, because its NHWC weight-gradient kernel
+// made the paper CNN's train step ~25% slower on a 2-core AVX2 machine (WbcOnednnSetBlockedPasses
+// changes this per pass). Weights always get the layout the primitive asks for, reordered from
+// (or, for the weight gradient, to) HWIO on each call, which is cheap at these sizes.
+// The scratchpad is the caller's (scratchpad_mode::user): a per-thread buffer that also holds the
+// reordered copies, because XLA may run independent custom calls on several threads at once.
 
 #include <omp.h>
 
@@ -35,6 +38,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
@@ -51,16 +55,23 @@ using dt = dnnl::memory::data_type;
 
 enum Kind : int64_t { kFwd = 0, kBwdData = 1, kBwdWeights = 2 };
 
+// Passes that let oneDNN choose the activations' layout (see the top of the file).
+constexpr int kDefaultBlockedPasses = 1 << kBwdWeights;
+
 // One convolution's geometry, per vmap index.
 struct Geometry {
   int64_t n, h, w, ci, ho, wo, co, kh, kw, sh, sw, pt, pb, pl, pr;
 };
 
-using Key = std::array<int64_t, 16>;
+// Which passes let oneDNN pick the activations' layout (format_tag::any, with reorders from and
+// to NHWC around the call) instead of running on NHWC directly. Bit k is pass k (Kind).
+std::atomic<int> blocked_passes{kDefaultBlockedPasses};
 
-Key MakeKey(Kind kind, const Geometry& g) {
-  return {kind, g.n, g.h, g.w, g.ci, g.ho, g.wo, g.co, g.kh, g.kw, g.sh, g.sw, g.pt, g.pb, g.pl,
-          g.pr};
+using Key = std::array<int64_t, 17>;
+
+Key MakeKey(Kind kind, bool blocked, const Geometry& g) {
+  return {kind, blocked, g.n, g.h, g.w, g.ci, g.ho, g.wo, g.co, g.kh, g.kw, g.sh, g.sw, g.pt,
+          g.pb, g.pl, g.pr};
 }
 
 dnnl::engine& Engine() {
@@ -68,18 +79,23 @@ dnnl::engine& Engine() {
   return *engine;
 }
 
+// One tensor argument of a primitive: where it comes from and the layout the primitive wants.
+struct Operand {
+  int arg = 0;              // DNNL_ARG_*
+  int slot = 0;             // the handler's buffer: 0, 1 = its two inputs, 2 = its result
+  memory::desc user_md;     // NHWC or HWIO, as XLA holds it
+  memory::desc prim_md;     // as the primitive wants it
+  bool reorder = false;     // prim_md != user_md: go through a scratch copy
+  dnnl::reorder convert;    // user -> prim for inputs, prim -> user for the result
+  size_t offset = 0;        // of the scratch copy in the per-thread buffer
+};
+
 // A built primitive and what a call needs besides the caller's buffers.
 struct Plan {
   dnnl::primitive prim;
-  memory::desc act_in_md;   // src (fwd, bwd weights) or diff_dst (bwd data): user NHWC
-  memory::desc act_out_md;  // dst (fwd) or diff_src (bwd data): user NHWC; diff_dst (bwd weights)
-  memory::desc user_w_md;   // HWIO as the caller holds it
-  memory::desc prim_w_md;   // weights as the primitive wants them
-  bool reorder_w = false;
-  dnnl::reorder w_reorder;  // user -> prim (fwd, bwd data) or prim -> user (bwd weights)
-  size_t w_bytes = 0;       // bytes of the primitive-format weights when reordered
-  memory::desc scratch_md;
-  size_t scratch_bytes = 0;
+  std::array<Operand, 3> operands;
+  memory::desc scratchpad_md;
+  size_t buffer_bytes = 0;  // scratchpad + reordered operands
   std::string impl;
 };
 
@@ -93,65 +109,73 @@ Dims MakeDims(const Geometry& g) {
           {g.sh, g.sw},            {g.pt, g.pl},             {g.pb, g.pr}};
 }
 
-dnnl::convolution_forward::primitive_desc FwdPd(const Geometry& g,
-                                                const dnnl::primitive_attr& attr) {
-  Dims d = MakeDims(g);
-  return dnnl::convolution_forward::primitive_desc(
-      Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
-      memory::desc(d.src, dt::f32, tag::nhwc), memory::desc(d.wei, dt::f32, tag::any),
-      memory::desc(d.dst, dt::f32, tag::nhwc), d.strides, d.pad_l, d.pad_r, attr);
+Operand MakeOperand(int arg, int slot, const memory::desc& user_md,
+                    const memory::desc& prim_md) {
+  Operand op;
+  op.arg = arg;
+  op.slot = slot;
+  op.user_md = user_md;
+  op.prim_md = prim_md;
+  op.reorder = prim_md != user_md;
+  if (op.reorder) {
+    op.convert = slot == 2 ? dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), prim_md,
+                                                                         Engine(), user_md))
+                           : dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), user_md,
+                                                                         Engine(), prim_md));
+  }
+  return op;
 }
 
-std::unique_ptr<Plan> BuildPlan(Kind kind, const Geometry& g) {
+std::unique_ptr<Plan> BuildPlan(Kind kind, bool blocked, const Geometry& g) {
   auto plan = std::make_unique<Plan>();
   Dims d = MakeDims(g);
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
-  plan->user_w_md = memory::desc(d.wei, dt::f32, tag::hwio);
-  memory::desc src_md(d.src, dt::f32, tag::nhwc), dst_md(d.dst, dt::f32, tag::nhwc);
-  auto fwd_pd = FwdPd(g, attr);
+  const memory::desc user_src(d.src, dt::f32, tag::nhwc), user_dst(d.dst, dt::f32, tag::nhwc);
+  const memory::desc user_wei(d.wei, dt::f32, tag::hwio);
+  const tag act = blocked ? tag::any : tag::nhwc;
+  const memory::desc src(d.src, dt::f32, act), dst(d.dst, dt::f32, act);
+  const memory::desc wei(d.wei, dt::f32, tag::any);
+  // Also the hint of the backward passes, which pick layouts consistent with it.
+  dnnl::convolution_forward::primitive_desc fwd_pd(
+      Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, src, wei,
+      dst, d.strides, d.pad_l, d.pad_r, attr);
   if (kind == kFwd) {
     plan->prim = dnnl::convolution_forward(fwd_pd);
-    plan->act_in_md = src_md;
-    plan->act_out_md = dst_md;
-    plan->prim_w_md = fwd_pd.weights_desc();
-    plan->scratch_md = fwd_pd.scratchpad_desc();
+    plan->operands = {MakeOperand(DNNL_ARG_SRC, 0, user_src, fwd_pd.src_desc()),
+                      MakeOperand(DNNL_ARG_WEIGHTS, 1, user_wei, fwd_pd.weights_desc()),
+                      MakeOperand(DNNL_ARG_DST, 2, user_dst, fwd_pd.dst_desc())};
+    plan->scratchpad_md = fwd_pd.scratchpad_desc();
     plan->impl = fwd_pd.impl_info_str();
   } else if (kind == kBwdData) {
     dnnl::convolution_backward_data::primitive_desc pd(
-        Engine(), dnnl::algorithm::convolution_direct, src_md,
-        memory::desc(d.wei, dt::f32, tag::any), dst_md, d.strides, d.pad_l, d.pad_r, fwd_pd,
-        attr);
+        Engine(), dnnl::algorithm::convolution_direct, src, wei, dst, d.strides, d.pad_l,
+        d.pad_r, fwd_pd, attr);
     plan->prim = dnnl::convolution_backward_data(pd);
-    plan->act_in_md = dst_md;
-    plan->act_out_md = src_md;
-    plan->prim_w_md = pd.weights_desc();
-    plan->scratch_md = pd.scratchpad_desc();
+    plan->operands = {MakeOperand(DNNL_ARG_DIFF_DST, 0, user_dst, pd.diff_dst_desc()),
+                      MakeOperand(DNNL_ARG_WEIGHTS, 1, user_wei, pd.weights_desc()),
+                      MakeOperand(DNNL_ARG_DIFF_SRC, 2, user_src, pd.diff_src_desc())};
+    plan->scratchpad_md = pd.scratchpad_desc();
     plan->impl = pd.impl_info_str();
   } else {
     dnnl::convolution_backward_weights::primitive_desc pd(
-        Engine(), dnnl::algorithm::convolution_direct, src_md,
-        memory::desc(d.wei, dt::f32, tag::any), dst_md, d.strides, d.pad_l, d.pad_r, fwd_pd,
-        attr);
+        Engine(), dnnl::algorithm::convolution_direct, src, wei, dst, d.strides, d.pad_l,
+        d.pad_r, fwd_pd, attr);
     plan->prim = dnnl::convolution_backward_weights(pd);
-    plan->act_in_md = src_md;
-    plan->act_out_md = dst_md;
-    plan->prim_w_md = pd.diff_weights_desc();
-    plan->scratch_md = pd.scratchpad_desc();
+    plan->operands = {MakeOperand(DNNL_ARG_SRC, 0, user_src, pd.src_desc()),
+                      MakeOperand(DNNL_ARG_DIFF_DST, 1, user_dst, pd.diff_dst_desc()),
+                      MakeOperand(DNNL_ARG_DIFF_WEIGHTS, 2, user_wei, pd.diff_weights_desc())};
+    plan->scratchpad_md = pd.scratchpad_desc();
     plan->impl = pd.impl_info_str();
   }
-  plan->scratch_bytes = plan->scratch_md.get_size();
-  plan->reorder_w = plan->prim_w_md != plan->user_w_md;
-  if (plan->reorder_w) {
-    plan->w_bytes = plan->prim_w_md.get_size();
-    if (kind == kBwdWeights) {
-      plan->w_reorder = dnnl::reorder(
-          dnnl::reorder::primitive_desc(Engine(), plan->prim_w_md, Engine(), plan->user_w_md));
-    } else {
-      plan->w_reorder = dnnl::reorder(
-          dnnl::reorder::primitive_desc(Engine(), plan->user_w_md, Engine(), plan->prim_w_md));
-    }
+  auto align = [](size_t n) { return (n + 63) / 64 * 64; };
+  size_t bytes = align(plan->scratchpad_md.get_size());
+  for (Operand& op : plan->operands) {
+    if (!op.reorder) continue;
+    op.offset = bytes;
+    bytes += align(op.prim_md.get_size());
   }
+  plan->buffer_bytes = bytes;
   return plan;
 }
 
@@ -164,11 +188,12 @@ std::map<Key, std::unique_ptr<Plan>>& Cache() {
 }
 
 const Plan& GetPlan(Kind kind, const Geometry& g) {
-  Key key = MakeKey(kind, g);
+  bool blocked = (blocked_passes.load(std::memory_order_relaxed) >> kind) & 1;
+  Key key = MakeKey(kind, blocked, g);
   std::lock_guard<std::mutex> lock(cache_mutex);
   auto& cache = Cache();
   auto it = cache.find(key);
-  if (it == cache.end()) it = cache.emplace(key, BuildPlan(kind, g)).first;
+  if (it == cache.end()) it = cache.emplace(key, BuildPlan(kind, blocked, g)).first;
   return *it->second;
 }
 
@@ -289,52 +314,31 @@ ffi::Error Run(Kind kind, const Attrs& a, ffi::Buffer<ffi::F32> in0, ffi::Buffer
     ApplyNumThreads();
     const Plan& plan = GetPlan(kind, g);
     thread_local ScratchBuffer scratch_buffer;
-    size_t w_offset = (plan.scratch_bytes + 63) / 64 * 64;
-    char* scratch = scratch_buffer.Get(w_offset + plan.w_bytes + 64);
+    char* scratch = scratch_buffer.Get(plan.buffer_bytes + 64);
     if (scratch == nullptr) return ffi::Error::Internal("out of memory for the scratchpad");
     thread_local dnnl::stream* stream = new dnnl::stream(Engine());
-    memory scratch_mem(plan.scratch_md, Engine(), scratch);
 
-    int64_t in0_inner = Inner(d0, lead), in1_inner = Inner(d1, lead);
-    int64_t out_inner = Inner(dout, lead);
-    float* p0 = in0.typed_data();
-    float* p1 = in1.typed_data();
-    float* pout = out->typed_data();
+    const ffi::Span<const int64_t> slot_dims[3] = {d0, d1, dout};
+    int64_t slot_inner[3];
+    for (int i = 0; i < 3; ++i) slot_inner[i] = Inner(slot_dims[i], lead);
+    float* slot_data[3] = {in0.typed_data(), in1.typed_data(), out->typed_data()};
     for (int64_t b = 0; b < batch.count; ++b) {
-      float* a0 = p0 + Offset(d0, lead, batch, b, in0_inner);
-      float* a1 = p1 + Offset(d1, lead, batch, b, in1_inner);
-      float* r = pout + Offset(dout, lead, batch, b, out_inner);
-      if (kind == kFwd) {
-        memory src(plan.act_in_md, Engine(), a0), dst(plan.act_out_md, Engine(), r);
-        memory user_w(plan.user_w_md, Engine(), a1), w = user_w;
-        if (plan.reorder_w) {
-          w = memory(plan.prim_w_md, Engine(), scratch + w_offset);
-          plan.w_reorder.execute(*stream, user_w, w);
-        }
-        plan.prim.execute(*stream, {{DNNL_ARG_SRC, src},
-                                    {DNNL_ARG_WEIGHTS, w},
-                                    {DNNL_ARG_DST, dst},
-                                    {DNNL_ARG_SCRATCHPAD, scratch_mem}});
-      } else if (kind == kBwdData) {
-        memory diff_dst(plan.act_in_md, Engine(), a0), diff_src(plan.act_out_md, Engine(), r);
-        memory user_w(plan.user_w_md, Engine(), a1), w = user_w;
-        if (plan.reorder_w) {
-          w = memory(plan.prim_w_md, Engine(), scratch + w_offset);
-          plan.w_reorder.execute(*stream, user_w, w);
-        }
-        plan.prim.execute(*stream, {{DNNL_ARG_DIFF_DST, diff_dst},
-                                    {DNNL_ARG_WEIGHTS, w},
-                                    {DNNL_ARG_DIFF_SRC, diff_src},
-                                    {DNNL_ARG_SCRATCHPAD, scratch_mem}});
-      } else {
-        memory src(plan.act_in_md, Engine(), a0), diff_dst(plan.act_out_md, Engine(), a1);
-        memory user_w(plan.user_w_md, Engine(), r), w = user_w;
-        if (plan.reorder_w) w = memory(plan.prim_w_md, Engine(), scratch + w_offset);
-        plan.prim.execute(*stream, {{DNNL_ARG_SRC, src},
-                                    {DNNL_ARG_DIFF_DST, diff_dst},
-                                    {DNNL_ARG_DIFF_WEIGHTS, w},
-                                    {DNNL_ARG_SCRATCHPAD, scratch_mem}});
-        if (plan.reorder_w) plan.w_reorder.execute(*stream, w, user_w);
+      std::unordered_map<int, memory> args;
+      args.emplace(DNNL_ARG_SCRATCHPAD, memory(plan.scratchpad_md, Engine(), scratch));
+      memory user[3], prim[3];
+      for (int i = 0; i < 3; ++i) {
+        const Operand& op = plan.operands[i];
+        float* data = slot_data[op.slot] + Offset(slot_dims[op.slot], lead, batch, b,
+                                                  slot_inner[op.slot]);
+        user[i] = memory(op.user_md, Engine(), data);
+        prim[i] = op.reorder ? memory(op.prim_md, Engine(), scratch + op.offset) : user[i];
+        if (op.reorder && op.slot != 2) op.convert.execute(*stream, user[i], prim[i]);
+        args.emplace(op.arg, prim[i]);
+      }
+      plan.prim.execute(*stream, args);
+      for (int i = 0; i < 3; ++i) {
+        const Operand& op = plan.operands[i];
+        if (op.reorder && op.slot == 2) op.convert.execute(*stream, prim[i], user[i]);
       }
     }
     stream->wait();
@@ -408,6 +412,13 @@ void WbcOnednnSetNumThreads(int n) {
   num_threads_generation.fetch_add(1, std::memory_order_relaxed);
 }
 
+// Bit k set: pass k (0 forward, 1 backward data, 2 backward weights) lets oneDNN choose the
+// activations' layout, reordering them from and to NHWC; clear: it runs on NHWC. Returns the
+// previous mask. Plans already built keep theirs (the mask is part of the cache key).
+int WbcOnednnSetBlockedPasses(int mask) {
+  return blocked_passes.exchange(mask & 7, std::memory_order_relaxed);
+}
+
 // oneDNN's version, as major * 10000 + minor * 100 + patch.
 int WbcOnednnVersion() {
   const dnnl_version_t* v = dnnl_version();
@@ -423,8 +434,13 @@ int WbcOnednnDescribeCache(char* buf, int size) {
     std::lock_guard<std::mutex> lock(cache_mutex);
     for (const auto& [k, plan] : Cache()) {
       text += std::string(kNames[k[0]]);
-      for (int i = 1; i < 16; ++i) text += " " + std::to_string(k[i]);
-      text += ": " + plan->impl + (plan->reorder_w ? " (weights reordered)" : "") + "\n";
+      for (size_t i = 2; i < k.size(); ++i) text += " " + std::to_string(k[i]);
+      text += ": " + plan->impl;
+      static const char* kArgs[] = {"first input", "second input", "result"};
+      for (const Operand& op : plan->operands) {
+        if (op.reorder) text += std::string(", ") + kArgs[op.slot] + " reordered";
+      }
+      text += k[1] ? " (blocked activations)\n" : "\n";
     }
   }
   if (buf != nullptr && size > 0) {

@@ -78,6 +78,26 @@ def test_forward_and_gradients_match_lax(n, h, w, cin, cout, k, stride, padding)
     _assert_close(g, wnt, what)
 
 
+@pytest.mark.parametrize('blocked', [(False, False, False), (True, True, True)])
+def test_activation_layouts_give_the_same_results(blocked):
+  """NHWC or oneDNN's blocked layouts (with reorders) in each pass, vmapped over 2 seeds."""
+  previous = onednn_conv.set_blocked_passes(*blocked)
+  try:
+    for n, h, w, cin, cout, k, stride, padding in (CASES[1], CASES[6]):
+      x, kernel = _normal((2, n, h, w, cin), 0), _normal((2, k, k, cin, cout), 1)
+      def value_and_grads(conv):
+        fn = jax.value_and_grad(lambda x, k: jnp.sum(jnp.sin(conv(x, k, stride, padding))),
+                                argnums=(0, 1))
+        return jax.jit(jax.vmap(fn))(x, kernel)
+      (want_v, want_g), (got_v, got_g) = (value_and_grads(_lax_conv),
+                                          value_and_grads(onednn_conv.conv2d))
+      _assert_close(got_v, want_v, 'value')
+      _assert_close(got_g[0], want_g[0], 'd input')
+      _assert_close(got_g[1], want_g[1], 'd kernel')
+  finally:
+    onednn_conv.set_blocked_passes(*previous)
+
+
 @pytest.mark.parametrize('in_axes', [(0, 0), (0, None), (None, 0)])
 def test_vmap_over_a_seed_axis(in_axes):
   """[S, B, H, W, C] images and [S, 3, 3, Ci, Co] kernels, either of them shared."""

@@ -41,6 +41,10 @@ _TARGETS = {
     'wbc_onednn_conv_bwd_weights': 'WbcOnednnConvBwdWeights',
 }
 
+# How the custom calls batch under jax.vmap: 'expand_dims' loops over the vmapped axes inside
+# one call; 'sequential' would make XLA loop over calls (kept switchable for measurements).
+_VMAP_METHOD = 'expand_dims'
+
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _load_error: str | None = None
@@ -102,6 +106,8 @@ def _load() -> ctypes.CDLL | None:
       lib.WbcOnednnDescribeCache.restype = ctypes.c_int
       lib.WbcOnednnDescribeCache.argtypes = [ctypes.c_char_p, ctypes.c_int]
       lib.WbcOnednnSetNumThreads.argtypes = [ctypes.c_int]
+      lib.WbcOnednnSetBlockedPasses.argtypes = [ctypes.c_int]
+      lib.WbcOnednnSetBlockedPasses.restype = ctypes.c_int
       threads = os.environ.get('WBC_JAX_ONEDNN_THREADS')
       if threads:
         lib.WbcOnednnSetNumThreads(int(threads))
@@ -133,6 +139,20 @@ def version() -> str:
 def set_num_threads(n: int) -> None:
   """Threads per oneDNN call from now on; 0 restores OpenMP's default."""
   _require().WbcOnednnSetNumThreads(int(n))
+
+
+def set_blocked_passes(forward: bool, backward_data: bool,
+                       backward_weights: bool) -> tuple[bool, bool, bool]:
+  """Which passes let oneDNN choose the activations' layout (reordered from and to NHWC around
+  each call) rather than run on NHWC. By default only the weight gradient does (see
+  csrc/onednn_conv.cc). Applies to the next calls, also of compiled programs.
+
+  Returns:
+    The previous setting, in the same order.
+  """
+  old = _require().WbcOnednnSetBlockedPasses(int(forward) | int(backward_data) << 1
+                                             | int(backward_weights) << 2)
+  return bool(old & 1), bool(old & 2), bool(old & 4)
 
 
 def describe_cache() -> str:
@@ -195,10 +215,11 @@ def _attrs(geom) -> dict[str, np.int64]:
 
 
 def _call(target: str, shape, *args, geom) -> Array:
+  _require()  # registers the targets before the first lowering
   # expand_dims: under vmap an unbatched operand gets a size-1 axis, which the handler reads
   # again for every index instead of XLA materialising copies.
   return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, jnp.float32),
-                          vmap_method='expand_dims')(*args, **_attrs(geom))
+                          vmap_method=_VMAP_METHOD)(*args, **_attrs(geom))
 
 
 # --------------------------------------------------------------------------------------------
