@@ -114,7 +114,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # evaluation always uses it. Selection rules on validation then see the plain model.
   c.train.curve_tta = True
   c.train.class_weighting = False  # weight the loss by inverse class frequency
-  c.train.conv_impl = 'auto'  # 'auto' | 'xla' | 'matmul' (see wbc_jax.models.Conv3x3)
+  c.train.conv_impl = 'auto'  # 'auto' | 'xla' | 'matmul' | 'onednn' (see wbc_jax.models.Conv3x3)
   c.train.checkpoint_every_epochs = 5
   c.train.log_test_every_epoch = True  # for curves only; selection never looks at test
   c.train.eval_train_every_epoch = True  # train-image curves (costly at 60x80)

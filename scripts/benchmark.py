@@ -105,7 +105,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument('--batch', type=int, default=32, help='images per seed per step')
   p.add_argument('--reps', type=int, default=5, help='timed repetitions of each step')
   p.add_argument('--warmup', type=int, default=1, help='untimed steps after the first call')
-  p.add_argument('--conv_impl', default='auto', choices=('auto', 'xla', 'matmul'),
+  p.add_argument('--conv_impl', default='auto', choices=('auto', 'xla', 'matmul', 'onednn'),
                  help="wbc_jax's 3x3 convolution (see wbc_jax.models.Conv3x3)")
   p.add_argument('--matmul_size', type=int, default=2048, help='N of the reference matmul')
   p.add_argument('--gan_seeds', type=_int_list, default=[1],
@@ -236,7 +236,8 @@ def program_stats(compiled) -> dict[str, Any]:
   """FLOPs and memory of a compiled program, from XLA.
 
   XLA counts the body of a loop once, whatever its trip count: for the CNN-RNN's LSTMs the
-  FLOPs are a lower bound (the convolutions and dense layers dominate them).
+  FLOPs are a lower bound (the convolutions and dense layers dominate them). Custom calls
+  (conv_impl 'onednn') are not counted at all.
   """
   flops = None
   try:
@@ -863,7 +864,10 @@ def to_markdown(result: dict[str, Any]) -> str:
       'Images/s = S x batch / step time. GFLOP/step from XLA\'s cost analysis of the compiled '
       'program (loop bodies counted once, so a lower bound for the CNN-RNN). "Compile" is trace '
       '+ lower + compile; "first call" is the first run of the compiled program. Memory: the '
-      'compiled train program\'s arguments + outputs + temporaries (donated state counted once).',
+      'compiled train program\'s arguments + outputs + temporaries (donated state counted once).'
+      + (' With conv_impl `onednn` the convolutions are custom calls, which XLA\'s cost '
+         'analysis does not count: GFLOP and % of peak then leave them out.'
+         if result['conv_impl_resolved'] == 'onednn' else ''),
       '',
       '| model | S | batch | params/seed | compile train (s) | first call train (s) '
       '| compile predict (s) | train ms/step | train img/s | train GFLOP/step | train GFLOP/s '

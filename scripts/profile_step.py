@@ -54,7 +54,7 @@ def parse_args(argv=None):
   p.add_argument('--seeds', type=int, default=1, help='S, vmapped seeds (or GANs)')
   p.add_argument('--batch', type=int, default=32)
   p.add_argument('--steps', type=int, default=3, help='traced steps (after 2 untraced)')
-  p.add_argument('--conv_impl', default='auto', choices=('auto', 'xla', 'matmul'))
+  p.add_argument('--conv_impl', default='auto', choices=('auto', 'xla', 'matmul', 'onednn'))
   p.add_argument('--top', type=int, default=15, help='operations listed')
   p.add_argument('--out', default='', help='directory for profile_<model>.{md,json}')
   return p.parse_args(argv)

@@ -9,9 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from wbc_jax import models
+from wbc_jax import models, onednn_conv
 
 PAPER_SHAPE = (60, 80, 3)
+# The convolution implementations to compare; oneDNN's where its library is built.
+CONV_IMPLS = ('xla', 'matmul') + (('onednn',) if onednn_conv.available() else ())
 
 
 def _abstract_variables(model, shape, batch=1):
@@ -124,7 +126,7 @@ def test_conv3x3_implementations_match_flax_conv(padding, strides, size):
     return y, g_params['kernel'], g_params['bias'], g_x
 
   expected = value_and_grads(reference)
-  for impl in ('xla', 'matmul'):
+  for impl in CONV_IMPLS:
     conv = models.Conv3x3(5, strides=strides, padding=padding, conv_impl=impl)
     abstract = jax.eval_shape(conv.init, _key(1), x)['params']
     assert jax.tree_util.tree_map(jnp.shape, abstract) == (
@@ -155,12 +157,14 @@ def test_gan_convolutions_do_not_depend_on_conv_impl():
                 gan_models.CondDiscriminator(4, channels=8))]:
     z = jax.random.normal(jax.random.PRNGKey(0), (3, g.latent_dim))
     g_vars = g.init(jax.random.PRNGKey(1), z, labels, train=False)
-    images = [g.clone(conv_impl=i).apply(g_vars, z, labels, train=False) for i in ('xla', 'matmul')]
-    np.testing.assert_allclose(images[0], images[1], rtol=1e-5, atol=1e-5)
+    images = [g.clone(conv_impl=i).apply(g_vars, z, labels, train=False) for i in CONV_IMPLS]
+    for image in images[1:]:
+      np.testing.assert_allclose(images[0], image, rtol=1e-5, atol=1e-5)
     d_vars = d.init(jax.random.PRNGKey(2), images[0], labels, train=False)
     logits = [d.clone(conv_impl=i).apply(d_vars, images[0], labels, train=False)
-              for i in ('xla', 'matmul')]
-    np.testing.assert_allclose(logits[0], logits[1], rtol=1e-4, atol=1e-4)
+              for i in CONV_IMPLS]
+    for logit in logits[1:]:
+      np.testing.assert_allclose(logits[0], logit, rtol=1e-4, atol=1e-4)
     # Named as the nn.Conv layers were, so GAN checkpoints keep loading.
     convs = g_vars['params'] if 'Conv_1' in g_vars['params'] else g_vars['params']['GBlock_0']
     assert convs['Conv_0']['kernel'].shape[:2] == (3, 3) and 'bias' in convs['Conv_1']
@@ -168,7 +172,7 @@ def test_gan_convolutions_do_not_depend_on_conv_impl():
 
 def test_conv3x3_rejects_unknown_impl_and_padding():
   x = jnp.zeros((1, 5, 5, 2))
-  with pytest.raises(ValueError, match="'cudnn'.*xla, matmul, auto"):
+  with pytest.raises(ValueError, match="'cudnn'.*xla, matmul, onednn, auto"):
     models.Conv3x3(4, conv_impl='cudnn').init(jax.random.key(0), x)
   with pytest.raises(ValueError, match="'FULL'"):
     models.Conv3x3(4, padding='FULL').init(jax.random.key(0), x)
@@ -178,9 +182,10 @@ def test_cnn_logits_do_not_depend_on_conv_impl():
   _, x, variables, _ = _small_model('cnn')
   by_impl = [
       jax.jit(partial(models.CNN(conv_impl=impl).apply, train=False))(variables, x)
-      for impl in ('xla', 'matmul')
+      for impl in CONV_IMPLS
   ]
-  np.testing.assert_allclose(*by_impl, atol=1e-5, rtol=1e-5)
+  for logits in by_impl[1:]:
+    np.testing.assert_allclose(by_impl[0], logits, atol=1e-5, rtol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------

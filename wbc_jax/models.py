@@ -13,8 +13,10 @@ norm (train=True needs `mutable=['batch_stats']`). No model keeps Python-side st
 `jax.vmap` over a leading seed axis of the variables trains several seeds at once.
 
 The 3x3 convolutions go through `Conv3x3`, whose `conv_impl` picks between XLA's native
-convolution and an equivalent im2col matmul, because on CPU the native convolution is several
-times slower than the matmul.
+convolution, an equivalent im2col matmul and oneDNN's direct convolutions (an XLA FFI custom
+call, `wbc_jax.onednn_conv`), because on CPU the native convolution is several times slower
+than the other two. 'auto' takes oneDNN on CPU where its library is built, else the matmul,
+and XLA's convolution on GPU and TPU.
 """
 
 from __future__ import annotations
@@ -22,16 +24,19 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Sequence
 
+from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from wbc_jax import onednn_conv
+
 Array = jax.Array
 Initializer = Callable[..., Array]
 
 MODEL_NAMES = ('cnn', 'cnn_rnn', 'resnet', 'cellnet')
-CONV_IMPLS = ('xla', 'matmul', 'auto')
+CONV_IMPLS = ('xla', 'matmul', 'onednn', 'auto')
 PADDINGS = ('VALID', 'SAME')
 
 
@@ -48,14 +53,36 @@ def count_params(params: Any) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+_logged_auto_choice: set[tuple[str, str]] = set()
+
+
 def _resolve_conv_impl(conv_impl: str) -> str:
-  """Maps 'auto' to the faster implementation on the current backend; validates the name."""
+  """Maps 'auto' to the fastest implementation on the current backend; validates the name.
+
+  'auto' is 'onednn' on CPU when its library loads, else 'matmul' there, and 'xla' on GPU and
+  TPU; the choice is logged once per process. An explicit 'onednn' that cannot run raises.
+  """
   if conv_impl not in CONV_IMPLS:
     raise ValueError(
         f"unknown conv_impl {conv_impl!r}; expected one of {', '.join(CONV_IMPLS)}"
     )
+  backend = jax.default_backend()
   if conv_impl == 'auto':
-    return 'matmul' if jax.default_backend() == 'cpu' else 'xla'
+    if backend != 'cpu':
+      resolved, why = 'xla', f'on {backend}'
+    elif onednn_conv.available():
+      resolved, why = 'onednn', f'oneDNN {onednn_conv.version()} on CPU'
+    else:
+      resolved, why = 'matmul', f'on CPU, oneDNN unavailable: {onednn_conv.load_error()}'
+    if (resolved, backend) not in _logged_auto_choice:
+      _logged_auto_choice.add((resolved, backend))
+      logging.info("conv_impl 'auto' -> %r (%s)", resolved, why)
+    return resolved
+  if conv_impl == 'onednn':
+    if backend != 'cpu':
+      raise ValueError(f"conv_impl 'onednn' runs on CPU only, the backend is {backend}")
+    if not onednn_conv.available():
+      raise ValueError(f"conv_impl 'onednn' unavailable: {onednn_conv.load_error()}")
   return conv_impl
 
 
@@ -108,8 +135,9 @@ class Conv3x3(nn.Module):
     padding: 'VALID' or 'SAME' (XLA/TensorFlow SAME, also for stride 2).
     use_bias: add a bias (off before batch norm, which has its own shift).
     conv_impl: 'xla' (lax.conv_general_dilated), 'matmul' (im2col: 9 shifted slices and one
-      matmul; on CPU XLA's native convolution is ~4-5x slower than its matmul) or 'auto'
-      ('matmul' on CPU, 'xla' elsewhere).
+      matmul; on CPU XLA's native convolution is ~4-5x slower than its matmul), 'onednn'
+      (oneDNN's direct convolution as an XLA custom call, CPU only, `wbc_jax.onednn_conv`) or
+      'auto' ('onednn' on CPU when its library is built, else 'matmul'; 'xla' elsewhere).
     kernel_init: glorot_uniform by default, as Keras.
     bias_init: zeros.
   """
@@ -146,6 +174,8 @@ class Conv3x3(nn.Module):
           padding=pads,
           dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
       )
+    elif impl == 'onednn':
+      y = onednn_conv.conv2d(x, kernel, self.strides, pads)
     else:
       if any(p for pair in pads for p in pair):
         x = jnp.pad(x, [(0, 0), *pads, (0, 0)])

@@ -79,7 +79,7 @@ def default_gan_config(kind: str = 'paper') -> ml_collections.ConfigDict:
       fires on the last step (0 for sampling: never; 0 for checkpoints: only
       at the end).
     samples_per_class: columns of the sample grids.
-    conv_impl: 3x3 convolutions, 'auto' | 'xla' | 'matmul' (wbc_jax.models.Conv3x3).
+    conv_impl: 3x3 convolutions, 'auto' | 'xla' | 'matmul' | 'onednn' (wbc_jax.models.Conv3x3).
     resolution: (height, width) the GAN trains and samples at, each divisible by 4; ()
       (the default) is the classifier's input. Otherwise the real images are resized to it
       and the samples back to the classifier's input (bilinear, antialiased; see
