@@ -17,10 +17,11 @@ The recipe (every part a config field, the rest as `configs/ablation.py`):
            and a small hue jitter;
   balance  class-balanced sampling (each class a quarter of every batch on average) and
            label smoothing 0.1;
-  optimise AdamW (weight decay 0.05), 2e-3 peak, warm-up then cosine decay, 1,000 updates of
+  optimise AdamW (weight decay 0.05), 2e-3 peak, warm-up then cosine decay, 800 updates of
            batch 32 per seed, with a moving average of the weights (decay 0.99);
   select   'last': the fixed schedule's end, with the averaged weights, evaluated with
-           test-time augmentation (mean over the 8 flips/rotations) and the seed ensemble.
+           test-time augmentation (mean over the 8 flips/rotations) and the seed ensemble;
+           the per-epoch validation curves use one view (`train.curve_tta=False`), 8x cheaper.
 The regime is 'original+trad' (real images + this augmentation) and the run directories keep
 the layout WORKDIR/crop/<split>/original_trad/cellnet/.
 
