@@ -346,6 +346,7 @@ def test_extra_images_only_in_training(test_config, tmp_path, monkeypatch, evalu
   # mean colour compiles in a fraction of the paper CNN's time.
   monkeypatch.setattr(train.models, 'get_model', lambda name, *, num_classes, conv_impl: (
       _MeanColourClassifier(num_classes)))
+  monkeypatch.setattr(train, '_PROGRAMS', {})  # no other test may get these programs as 'cnn'
   results = train.train_and_evaluate(config, str(tmp_path), examples=examples, split=split,
                                      model_name='cnn', augment=False, extra=extra,
                                      log=lambda s: None)

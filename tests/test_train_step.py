@@ -1,5 +1,10 @@
 """The classifier's train step and optimisers as units, on a linear model: class weighting,
-SGD's momentum, AdamW's decoupled weight decay, per-seed selection of the best epoch."""
+SGD's momentum, AdamW's decoupled weight decay, per-seed selection of the best epoch, and
+the score that selection reads in a training run."""
+
+import dataclasses
+import json
+import os
 
 import flax.linen as nn
 import jax
@@ -9,18 +14,20 @@ import numpy as np
 import optax
 import pytest
 
+from wbc_jax import input_pipeline as ip
 from wbc_jax import train
 
 NUM_CLASSES = 3
 
 
 class _Linear(nn.Module):
-  """Logits linear in the pixels: [b, h, w, 3] -> [b, NUM_CLASSES]."""
+  """Logits linear in the pixels: [b, h, w, 3] -> [b, num_classes]."""
+  num_classes: int = NUM_CLASSES
 
   @nn.compact
   def __call__(self, x, *, train: bool):
     del train
-    return nn.Dense(NUM_CLASSES)(x.reshape(x.shape[0], -1))
+    return nn.Dense(self.num_classes)(x.reshape(x.shape[0], -1))
 
 
 def _state(tx, seed=0):
@@ -133,3 +140,41 @@ def test_select_best_keeps_each_seeds_own_best_epoch():
   kernel = state.best_params['Dense_0']['kernel']
   np.testing.assert_array_equal(kernel[0], 2)
   np.testing.assert_array_equal(kernel[1], 4)
+
+
+def test_selection_reads_the_validation_accuracy_and_never_the_test(test_config, tmp_path,
+                                                                   monkeypatch):
+  """In a training run, the score `select_best` receives each epoch is that epoch's
+  validation accuracy (as metrics.jsonl records it), never a test measure."""
+  config = test_config.copy_and_resolve_references()
+  with config.unlocked():
+    config.train.epochs = 4
+    config.train.log_test_every_epoch = True  # test accuracy computed, so it could be misread
+  examples = ip.load_examples(config.data)
+  split = ip.make_splits(examples.labels, config.split)[0]
+  # Where the score comes from is tested, not what learns: a linear model compiles fast. The
+  # programs' cache is emptied so that no other test gets these programs under 'cnn'.
+  monkeypatch.setattr(train.models, 'get_model', lambda name, *, num_classes, conv_impl: (
+      _Linear(num_classes)))
+  monkeypatch.setattr(train, '_PROGRAMS', {})
+  scores = []
+  make_programs = train.make_programs
+
+  def recording_make_programs(*args, **kwargs):
+    programs = make_programs(*args, **kwargs)
+
+    def select_best(state, score):
+      scores.append(np.asarray(score))
+      return programs.select_best(state, score)
+
+    return dataclasses.replace(programs, select_best=select_best)
+
+  monkeypatch.setattr(train, 'make_programs', recording_make_programs)
+  results = train.train_and_evaluate(config, str(tmp_path), examples=examples, split=split,
+                                     model_name='cnn', augment=False, log=lambda s: None)
+  history = [json.loads(line) for line in open(os.path.join(tmp_path, 'metrics.jsonl'))]
+  val = np.array([row['val_acc'] for row in history])  # [epochs, seeds]
+  test = np.array([row['test_acc'] for row in history])
+  assert not np.allclose(val, test)  # a score read from the test split would show
+  np.testing.assert_allclose(np.stack(scores), val, rtol=1e-6)
+  np.testing.assert_array_equal(results['best_epoch'], np.argmax(val, axis=0) + 1)
