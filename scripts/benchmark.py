@@ -19,9 +19,9 @@ In one process it measures, in this order:
 3. GAN steps (`wbc_jax.gan.train.gan_train_step`, both kinds, vmapped over S), if that module
    exposes the functions it needs; otherwise the section is skipped with the reason;
 4. a peer, Keras 3 on TensorFlow, which is not part of wbc_jax: the paper's CNN and CNN-RNN
-   (and its DCGAN step) written in Keras with the same layers, trained with what `model.fit`
-   runs by default, timed alternately with wbc_jax at S = 1 (A B A B ...) so that a changing
-   machine load hits both sides alike.
+   (and its DCGAN step) written in Keras with the same layers (`wbc_jax.keras_twins`),
+   trained with what `model.fit` runs by default, timed alternately with wbc_jax at S = 1
+   (A B A B ...) so that a changing machine load hits both sides alike.
 
 Images/s counts every image a step processes: S * batch for the train step (each seed trains
 on its own batch) and S * batch predictions for predict (all seeds predict the same batch).
@@ -586,121 +586,8 @@ def bench_gan(gan_train, kind: str, seeds: int, args, peak: float) -> dict[str, 
 # ------------------------------------------------------------------------------------------
 # Peer: Keras on TensorFlow (not part of wbc_jax)
 # ------------------------------------------------------------------------------------------
-
-
-def keras_classifier(name: str, image_shape):
-  """The paper's CNN or CNN-RNN in Keras 3, layer for layer as in wbc_jax.models."""
-  import keras
-  from keras import layers
-
-  inputs = keras.Input(image_shape)
-  if name == 'cnn':
-    x = inputs
-    for filters in (32, 64, 64):
-      x = layers.Conv2D(filters, 3, activation='relu')(x)
-    x = layers.MaxPooling2D(2)(x)
-    x = layers.Dropout(0.25)(x)
-    features = layers.Flatten()(x)
-  elif name == 'cnn_rnn':
-    c = inputs
-    for filters in (32, 64):
-      c = layers.Conv2D(filters, 3, activation='relu')(c)
-    c = layers.MaxPooling2D(2)(c)
-    c = layers.Dropout(0.25)(c)
-    c = layers.Flatten()(c)
-    r = keras.ops.mean(inputs, axis=-1)  # rows are the time steps
-    r = layers.Bidirectional(layers.LSTM(64, return_sequences=True))(r)
-    r = layers.Bidirectional(layers.LSTM(64))(r)
-    r = layers.Dropout(0.25)(r)
-    features = layers.Concatenate()([c, r])
-  else:
-    raise ValueError(f'no Keras peer for {name!r}')
-  x = layers.Dense(128, activation='relu')(features)
-  x = layers.Dropout(0.5)(x)
-  outputs = layers.Dense(NUM_CLASSES)(x)
-  model = keras.Model(inputs, outputs, name=f'keras_{name}')
-  # compile()'s defaults otherwise: jit_compile='auto', which Keras resolves to False for
-  # TensorFlow on a CPU-only machine, i.e. what model.fit runs for the paper's users.
-  model.compile(optimizer=keras.optimizers.Adam(1e-3, epsilon=1e-7),
-                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                metrics=['accuracy'])
-  return model
-
-
-def keras_paper_gan(height: int, width: int, latent_dim: int, lr: float, b1: float, b2: float):
-  """The study's DCGAN (wbc_jax.gan.models.PaperGenerator / PaperDiscriminator) in Keras 3.
-
-  One train step is one Adam step of D on a real and a generated batch, then one of G, with
-  BCE on logits, as `wbc_jax.gan.train.gan_train_step` does; it is a Keras `train_step`, so
-  `train_on_batch` runs it the way `model.fit` would.
-  """
-  import keras
-  import tensorflow as tf
-  from keras import layers
-
-  h0, w0 = height // 4, width // 4
-  bn = lambda: layers.BatchNormalization(momentum=0.8, epsilon=1e-3)
-  z = keras.Input((latent_dim,))
-  x = layers.Dense(h0 * w0 * 128)(z)
-  x = layers.ReLU()(layers.Reshape((h0, w0, 128))(x))
-  for filters in (256, 128):
-    x = layers.UpSampling2D()(x)
-    x = layers.ReLU()(bn()(layers.Conv2D(filters, 3, padding='same')(x)))
-  generator = keras.Model(z, layers.Activation('tanh')(layers.Conv2D(3, 3, padding='same')(x)),
-                          name='keras_paper_generator')
-
-  image = keras.Input((height, width, 3))
-  act = lambda: layers.LeakyReLU(negative_slope=0.2)
-  x = layers.Dropout(0.25)(act()(layers.Conv2D(32, 3, strides=2, padding='same')(image)))
-  x = layers.Conv2D(64, 3, strides=2, padding='same')(x)
-  x = layers.ZeroPadding2D(((0, 1), (0, 1)))(x)
-  x = layers.Dropout(0.25)(act()(bn()(x)))
-  x = layers.Dropout(0.25)(act()(bn()(layers.Conv2D(128, 3, strides=2, padding='same')(x))))
-  x = layers.Dropout(0.25)(act()(bn()(layers.Conv2D(256, 3, strides=1, padding='same')(x))))
-  discriminator = keras.Model(image, layers.Dense(1)(layers.Flatten()(x)),
-                              name='keras_paper_discriminator')
-
-  bce = keras.losses.BinaryCrossentropy(from_logits=True)
-
-  class PaperGAN(keras.Model):
-
-    def __init__(self):
-      super().__init__()
-      self.generator, self.discriminator = generator, discriminator
-      self.seed_generator = keras.random.SeedGenerator(0)
-
-    def compile(self):
-      super().compile()
-      self.g_optimizer = keras.optimizers.Adam(lr, beta_1=b1, beta_2=b2)
-      self.d_optimizer = keras.optimizers.Adam(lr, beta_1=b1, beta_2=b2)
-
-    def train_step(self, data):
-      real = data[0] if isinstance(data, (tuple, list)) else data
-      n = tf.shape(real)[0]
-      z = keras.random.normal((n, latent_dim), seed=self.seed_generator)
-      fake = tf.stop_gradient(self.generator(z, training=True))
-      with tf.GradientTape() as tape:
-        real_logits = self.discriminator(real, training=True)
-        fake_logits = self.discriminator(fake, training=True)
-        d_loss = (bce(tf.ones_like(real_logits), real_logits)
-                  + bce(tf.zeros_like(fake_logits), fake_logits))
-      d_vars = self.discriminator.trainable_weights
-      self.d_optimizer.apply_gradients(zip(tape.gradient(d_loss, d_vars), d_vars))
-      z = keras.random.normal((n, latent_dim), seed=self.seed_generator)
-      with tf.GradientTape() as tape:
-        logits = self.discriminator(self.generator(z, training=True), training=True)
-        g_loss = bce(tf.ones_like(logits), logits)
-      g_vars = self.generator.trainable_weights
-      self.g_optimizer.apply_gradients(zip(tape.gradient(g_loss, g_vars), g_vars))
-      return {'d_loss': d_loss, 'g_loss': g_loss}
-
-  gan = PaperGAN()
-  gan.compile()
-  return gan
-
-
-def keras_trainable_params(model) -> int:
-  return int(sum(math.prod(w.shape) for w in model.trainable_weights))
+# The Keras models are wbc_jax.keras_twins, which tests/test_keras_equivalence.py checks
+# against the Flax models with the same weights.
 
 
 def alternate(jax_steps: Callable[[int], None], keras_steps: Callable[[int], None],
@@ -727,13 +614,15 @@ def _pair_summary(prefix: str, batch: int, jax_times, keras_times) -> dict[str, 
 
 def bench_keras_classifier(name: str, programs, args) -> dict[str, Any]:
   import keras
+  from wbc_jax import keras_twins
   from wbc_jax import models
 
   keras.utils.set_random_seed(0)
   image_shape = IMAGE_SHAPES[name]
   runner, predict_args = prepare_classifier(programs, 1, args.batch, image_shape)
   wbc_params = models.count_params(runner.state.params)
-  model = keras_classifier(name, image_shape)
+  model = keras_twins.classifier(name, image_shape, NUM_CLASSES)
+  keras_twins.compile_classifier(model)
   keras_params = model.count_params()
   x = np.asarray(runner.batch['image'][0])
   y = np.asarray(runner.batch['label'][0])
@@ -786,6 +675,7 @@ def bench_keras_classifier(name: str, programs, args) -> dict[str, Any]:
 
 def bench_keras_gan(gan_train, args) -> dict[str, Any]:
   import keras
+  from wbc_jax import keras_twins
 
   keras.utils.set_random_seed(0)
   height, width, _ = GAN_IMAGE_SHAPE
@@ -795,14 +685,14 @@ def bench_keras_gan(gan_train, args) -> dict[str, Any]:
   data = make_batch(1, args.batch, GAN_IMAGE_SHAPE, seed=1)
   real = jax.device_put(data['image'] * 2.0 - 1.0)
   runner = TrainRunner(step, state, real, jax.device_put(data['label']))
-  gan = keras_paper_gan(height, width, config.latent_dim, config.lr_d, config.b1, config.b2)
+  gan = keras_twins.paper_gan(height, width, config.latent_dim, config.lr_d, config.b1, config.b2)
   x = np.asarray(real[0])
   keras_step = lambda n: [gan.train_on_batch(x) for _ in range(n)]
 
   runner()
   first = timed(lambda: keras_step(1))
-  keras_params = (keras_trainable_params(gan.generator)
-                  + keras_trainable_params(gan.discriminator))
+  keras_params = (keras_twins.trainable_params(gan.generator)
+                  + keras_twins.trainable_params(gan.discriminator))
   log(f'peer gan:paper params (trainable G + D): Keras {keras_params:,}, wbc_jax '
       f'{wbc_params:,}; Keras first train_on_batch {first:.2f} s (jit_compile={gan.jit_compile})')
   for _ in range(args.warmup):

@@ -5,6 +5,7 @@ import io
 import os
 import zipfile
 
+import flax.linen as nn
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -69,15 +70,88 @@ def test_views_shapes_and_ranges(test_config, frames):
   assert np.all(np.diff(frames.image_ids) > 0)
 
 
-def test_crop_box_is_square_inside_frame():
-  box = ip.crop_box(np.array([[0.0, 0.9, 0.3, 1.0]]), 0.25)  # a WBC at the top-right corner
-  y0, x0, y1, x1 = box
-  assert y1 - y0 == pytest.approx(x1 - x0)
+# Normalised (ymin, xmin, ymax, xmax) boxes and, in pixels of the 480x640 frame, where each is.
+CROP_CASES = {
+    'top-right corner': [0.0, 0.9, 0.3, 1.0],      # y 0..144, x 576..640
+    'bottom-left corner': [0.85, 0.0, 1.0, 0.1],   # y 408..480, x 0..64
+    'inside': [0.4, 0.45, 0.6, 0.55],              # y 192..288, x 288..352
+    'tall': [0.1, 0.4, 0.9, 0.6],                  # y 48..432, x 256..384: 1.25 x 384 > 480
+}
+
+
+@pytest.mark.parametrize('where', list(CROP_CASES))
+def test_crop_box_is_square_inside_frame_and_holds_the_cell(where):
+  box = np.array([CROP_CASES[where]])
+  cell = box[0] * [480, 640, 480, 640]
+  y0, x0, y1, x1 = ip.crop_box(box, 0.25)
+  side = min(1.25 * max(cell[2] - cell[0], cell[3] - cell[1]), 480)
+  assert y1 - y0 == pytest.approx(side) and x1 - x0 == pytest.approx(side)
   assert y0 >= 0 and x0 >= 0 and y1 <= 480 and x1 <= 640
-  # The WBC box (pixels 432..480 high, 576..640 wide) is inside the crop.
-  assert x1 == pytest.approx(640) and y0 == pytest.approx(0)
-  fallback = ip.crop_box(np.zeros((0, 4)), 0.25)
-  assert fallback[2] - fallback[0] == ip.FALLBACK_CROP_PX
+  # The whole cell lies inside its crop...
+  assert y0 <= cell[0] and x0 <= cell[1] and cell[2] <= y1 and cell[3] <= x1
+  # ...centred on it where the frame leaves room, else shifted only as far as the edge needs.
+  centre = (cell[:2] + cell[2:]) / 2
+  if where == 'inside':
+    np.testing.assert_allclose([(y0 + y1) / 2, (x0 + x1) / 2], centre)
+  if where == 'top-right corner':
+    assert (y0, x1) == pytest.approx((0, 640))
+  if where == 'bottom-left corner':
+    assert (y1, x0) == pytest.approx((480, 0))
+  if where == 'tall':
+    assert (y0, y1) == pytest.approx((0, 480)) and (x0 + x1) / 2 == pytest.approx(centre[1])
+
+
+def test_crop_of_an_image_without_a_box_is_the_centred_square():
+  np.testing.assert_allclose(ip.crop_box(np.zeros((0, 4)), 0.25),
+                             [240 - ip.FALLBACK_CROP_PX / 2, 320 - ip.FALLBACK_CROP_PX / 2,
+                              240 + ip.FALLBACK_CROP_PX / 2, 320 + ip.FALLBACK_CROP_PX / 2])
+  np.testing.assert_array_equal(ip.window_box(np.zeros((0, 4)), 288), [96, 176, 384, 464])
+
+
+def _raw_of(raw, image_ids, boxes=None):
+  """The images `image_ids` of `load_raw`'s dict; `boxes` replaces their WBC boxes."""
+  index = [int(np.flatnonzero(raw['image_ids'] == i)[0]) for i in image_ids]
+  return {'images': raw['images'][index], 'labels': raw['labels'][index],
+          'image_ids': raw['image_ids'][index], 'class_names': raw['class_names'],
+          'boxes': [raw['boxes'][i] for i in index] if boxes is None else boxes}
+
+
+def test_boxless_images_are_cropped_at_the_frame_centre(test_config):
+  raw = ip.load_raw(test_config.data)
+  boxless = [int(i) for i, b in zip(raw['image_ids'], raw['boxes']) if len(b) == 0]
+  assert boxless == [133, 135, 228, 327]
+  # A 60 px crop of the 240 px square: each output pixel averages a 4x4 block of the frame.
+  crops = ip.make_view(_raw_of(raw, boxless),
+                       _with(test_config, view='crop', crop_size=60).data).images.astype(float)
+  frames = _raw_of(raw, boxless)['images'].astype(float)
+
+  def square(dy, dx):
+    block = frames[:, 120 + dy:360 + dy, 200 + dx:440 + dx]
+    return block.reshape(len(frames), 60, 4, 60, 4, 3).mean(axis=(2, 4))
+
+  error = lambda dy, dx: np.abs(crops - square(dy, dx)).mean(axis=(1, 2, 3))
+  centred = error(0, 0)
+  assert np.all(centred < 3)  # grey levels; bilinear sampling is a quarter pixel off the grid
+  for dy, dx in ((-8, 0), (8, 0), (0, -8), (0, 8)):
+    assert np.all(error(dy, dx) > centred + 1), (dy, dx)
+
+
+def test_image_with_two_cells_is_cropped_on_the_larger(test_config):
+  raw = ip.load_raw(test_config.data)
+  two = [int(i) for i, b in zip(raw['image_ids'], raw['boxes']) if len(b) == 2]
+  assert two == [113]
+  boxes = raw['boxes'][int(np.flatnonzero(raw['image_ids'] == 113)[0])]
+  area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+  large, small = boxes[np.argmax(area)], boxes[np.argmin(area)]
+  # In pixels the larger box is 155x174 (a whole cell), the smaller 27x31.
+  np.testing.assert_allclose((large[2:] - large[:2]) * [480, 640], [155, 174], atol=0.5)
+  for mode, extra in (('box', {}), ('window', {'window_px': 288})):
+    data = _with(test_config, view='crop', crop_size=24, crop_mode=mode, **extra).data
+    view = lambda b: ip.make_view(_raw_of(raw, [113], b), data).images[0]
+    got = view(None)
+    np.testing.assert_array_equal(got, view([large[None]]))
+    np.testing.assert_array_equal(got, view([boxes[::-1]]))  # whichever comes first
+    assert not np.array_equal(got, view([small[None]]))
 
 
 @pytest.mark.parametrize('protocol', ['holdout', 'kfold'])
@@ -147,17 +221,64 @@ def test_no_augmentation_is_identity(frames, test_config):
   np.testing.assert_array_equal(batches[0]['label'][0], labels[order])
 
 
-def test_rotation_only_changes_pixels_not_shape(frames, test_config):
+def _rotated(image, degrees, mode):
+  """Reference rotation of [H, W, 3] about its centre by `degrees` (either sense, the test
+  fits the sign too), bilinear, with scipy's fill `mode` for pixels from outside the frame."""
+  from scipy import ndimage
+  h, w = image.shape[:2]
+  t = np.deg2rad(degrees)
+  matrix = np.array([[np.cos(t), np.sin(t)], [-np.sin(t), np.cos(t)]])
+  centre = np.array([(h - 1) / 2, (w - 1) / 2])
+  return np.stack([ndimage.affine_transform(image[..., c], matrix, centre - matrix @ centre,
+                                            order=1, mode=mode) for c in range(3)], axis=-1)
+
+
+def test_rotation_is_within_the_angle_and_fills_from_the_nearest_edge(frames, test_config):
+  """The paper's rotation (Keras ImageDataGenerator(rotation_range=10), fill 'nearest'):
+  each augmented image is its source rotated about the centre by an angle of at most 10
+  degrees, pixels from outside the frame copying the nearest edge pixel."""
+  from scipy import optimize
   aug = test_config.augment.copy_and_resolve_references()
   with aug.unlocked():
     aug.hflip = False
     aug.rotation_deg = 10.0
-  x = ip.train_batches(frames.images[:4], frames.labels[:4], seeds=[0], epoch=0, batch_size=4,
+  n = 8
+  x = ip.train_batches(frames.images[:n], frames.labels[:n], seeds=[0], epoch=0, batch_size=n,
                        aug=aug, augment=True)[0]['image'][0]
-  order = ip.epoch_indices(4, 4, 0, 0)[0]
-  ref = frames.images[:4][order] / 255.0
-  diff = np.abs(x - ref).mean(axis=(1, 2, 3))
-  assert np.all(diff > 0) and np.all(diff < 0.2)  # rotated a little, not scrambled
+  assert x.shape == (n, 60, 80, 3)
+  sources = frames.images[:n][ip.epoch_indices(n, n, 0, 0)[0]] / 255.0
+  angles = []
+  for got, source in zip(x, sources):
+    error = lambda deg: np.abs(_rotated(source, deg, 'nearest') - got).mean()
+    # A coarse scan of twice the allowed range, then the best angle to 1e-4 degrees.
+    grid = np.linspace(-20, 20, 161)
+    start = grid[np.argmin([error(d) for d in grid])]
+    best = optimize.minimize_scalar(error, bounds=(start - 0.25, start + 0.25),
+                                    method='bounded', options={'xatol': 1e-4})
+    assert best.fun < 1e-3, (best.x, best.fun)  # that rotation, and nothing else
+    angles.append(best.x)
+    # The corners come from outside the frame: a black fill would not match.
+    assert np.abs(_rotated(source, best.x, 'constant') - got).max() > 0.1
+  angles = np.array(angles)
+  assert np.all(np.abs(angles) <= 10.0), angles
+  assert np.all(np.abs(angles) > 0.05) and len(set(np.round(angles, 2))) == n, angles
+
+
+def test_horizontal_flip_mirrors_left_and_right(frames, test_config):
+  aug = test_config.augment.copy_and_resolve_references()
+  with aug.unlocked():
+    aug.hflip = True
+    aug.rotation_deg = 0.0
+  n = 16
+  x = ip.train_batches(frames.images[:n], frames.labels[:n], seeds=[0], epoch=0, batch_size=n,
+                       aug=aug, augment=True)[0]['image'][0]
+  sources = frames.images[:n][ip.epoch_indices(n, n, 0, 0)[0]] / 255.0
+  flipped = [bool(np.allclose(got, source[:, ::-1], atol=1e-6)) for got, source in zip(x, sources)]
+  kept = [bool(np.allclose(got, source, atol=1e-6)) for got, source in zip(x, sources)]
+  # Each image is its source or its mirror image across the vertical axis (columns reversed,
+  # not rows), and a random half or so are mirrored.
+  assert all(f != k for f, k in zip(flipped, kept))
+  assert 3 <= sum(flipped) <= n - 3
 
 
 def test_epoch_covers_every_example():
@@ -166,19 +287,75 @@ def test_epoch_covers_every_example():
   assert set(idx.ravel()) == set(range(70))
 
 
-def test_extra_images_only_in_training(frames, test_config):
+def _markers(shape):
+  """5 extra images, each a constant value that no whole real image has: uint8 [5, *shape]."""
+  return np.stack([np.full(shape, v, np.uint8) for v in (1, 3, 5, 7, 9)])
+
+
+def _is_marker(image, values=(1, 3, 5, 7, 9)):
+  """Which marker an image is (uint8, or float in [0, 1] as batches hold it), or None."""
+  scale = 1 if image.dtype == np.uint8 else 255.0
+  for v in values:
+    if np.allclose(image, v / scale, atol=1e-6):
+      return v
+  return None
+
+
+def test_extra_images_reach_every_training_epoch(frames, test_config):
   split = ip.make_splits(frames.labels, test_config.split)[0]
-  marker = np.full((5, 60, 80, 3), 7, np.uint8)  # a value no real pixel block has everywhere
-  extra = (marker, np.zeros(5, np.int32))
-  x = frames.images[split.train]
-  batches = ip.train_batches(x, frames.labels[split.train], seeds=[0], epoch=0, batch_size=32,
-                             aug=test_config.augment, augment=False, extra=extra)
-  seen = sum(int(np.all(np.isclose(img, 7 / 255.0))) for b in batches for img in b['image'][0])
-  assert seen >= 5
-  for part in ('val', 'test'):
-    evals = list(ip.eval_batches(frames.images[getattr(split, part)],
-                                 frames.labels[getattr(split, part)], 16))
-    assert not any(np.all(np.isclose(img, 7 / 255.0)) for b in evals for img in b['image'])
+  extra = (_markers((60, 80, 3)), np.zeros(5, np.int32))
+  batches = ip.train_batches(frames.images[split.train], frames.labels[split.train], seeds=[0],
+                             epoch=0, batch_size=32, aug=test_config.augment, augment=False,
+                             extra=extra)
+  seen = {_is_marker(img) for b in batches for img in b['image'][0]} - {None}
+  assert seen == {1, 3, 5, 7, 9}
+
+
+class _MeanColourClassifier(nn.Module):
+  """Logits from an image's mean colour: [b, h, w, 3] -> [b, num_classes]."""
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    del train
+    return nn.Dense(self.num_classes)(x.mean(axis=(1, 2)))
+
+
+def test_extra_images_only_in_training(test_config, tmp_path, monkeypatch, evaluated_images):
+  """A training run given extra images trains on each of them and evaluates none: every
+  image it evaluates is a real image of its own split."""
+  from wbc_jax import train
+  config = test_config.copy_and_resolve_references()
+  with config.unlocked():
+    config.num_seeds, config.train.epochs = 1, 1
+    # A whole epoch, in few steps: every extra image is drawn.
+    config.train.max_steps_per_epoch, config.train.batch_size = -1, 64
+  examples = ip.load_examples(config.data)
+  split = ip.make_splits(examples.labels, config.split)[0]
+  extra = (_markers(examples.images.shape[1:]), np.array([0, 1, 2, 3, 0], np.int32))
+  trained = []
+  real_train_batches = ip.train_batches
+
+  def recording_train_batches(*args, **kwargs):
+    batches = real_train_batches(*args, **kwargs)
+    trained.extend(img for b in batches for img in b['image'].reshape(-1, *b['image'].shape[2:]))
+    return batches
+
+  monkeypatch.setattr(ip, 'train_batches', recording_train_batches)
+  # What is tested is where the images go, not what learns from them: a linear model on the
+  # mean colour compiles in a fraction of the paper CNN's time.
+  monkeypatch.setattr(train.models, 'get_model', lambda name, *, num_classes, conv_impl: (
+      _MeanColourClassifier(num_classes)))
+  monkeypatch.setattr(train, '_PROGRAMS', {})  # no other test may get these programs as 'cnn'
+  results = train.train_and_evaluate(config, str(tmp_path), examples=examples, split=split,
+                                     model_name='cnn', augment=False, extra=extra,
+                                     log=lambda s: None)
+  assert results['n_train_extra'] == 5
+  assert {_is_marker(img) for img in trained} - {None} == {1, 3, 5, 7, 9}
+  assert evaluated_images
+  assert not any(_is_marker(img) for batch in evaluated_images for img in batch)
+  real = {img.tobytes() for img in examples.images}
+  assert {img.tobytes() for batch in evaluated_images for img in batch} <= real
 
 
 def test_eval_batches_mask_counts_each_once(frames):

@@ -5,6 +5,7 @@ Everything is tiny (16x16 images, batches of 4, 2-4 steps); the file runs in
 train share one image set of fixed shape, so that they reuse compiled programs.
 """
 
+import collections
 import dataclasses
 import functools
 import json
@@ -99,7 +100,7 @@ def test_paper_parameter_counts_at_60x80():
   assert count_params(d['params']) == d_expected == 411_841
 
 
-def test_cond_parameter_counts_pinned():
+def test_cond_parameter_counts_at_60x80():
   config = train.default_gan_config('cond')
   generator, discriminator = train.build_models(config, 60, 80, 4)
   z = jax.ShapeDtypeStruct((2, config.latent_dim), jnp.float32)
@@ -108,8 +109,26 @@ def test_cond_parameter_counts_pinned():
   key = jax.random.PRNGKey(0)
   g = jax.eval_shape(functools.partial(generator.init, train=False), key, z, y)
   d = jax.eval_shape(functools.partial(discriminator.init, train=False), key, x, y)
-  assert count_params(g['params']) == 3_142_883
-  assert count_params(d['params']) == 593_377
+  c, k = config.channels, 4  # base width, classes
+  conv = lambda cin, cout: 9 * cin * cout + cout
+  one_by_one = lambda cin, cout: cin * cout + cout
+  cbn = lambda ch: 2 * k * ch  # class embeddings of scale and shift; the norm itself has none
+
+  def g_block(cin, cout):
+    return cbn(cin) + conv(cin, cout) + cbn(cout) + conv(cout, cout) + one_by_one(cin, cout)
+
+  g_expected = (k * 32  # class embedding, embed_dim 32
+                + (config.latent_dim + 32) * 15 * 20 * 2 * c + 15 * 20 * 2 * c  # dense
+                + g_block(2 * c, c) + g_block(c, c) + 2 * c + conv(c, 3))
+
+  def d_block(cin, cout, shortcut=True):
+    return conv(cin, cout) + conv(cout, cout) + (one_by_one(cin, cout) if shortcut else 0)
+
+  d_expected = (d_block(3, c) + d_block(c, 2 * c) + d_block(2 * c, 4 * c)
+                + d_block(4 * c, 4 * c, shortcut=False)  # same width, no downsampling
+                + 4 * c + 1 + k * 4 * c)  # linear head and class projection
+  assert count_params(g['params']) == g_expected == 3_142_883
+  assert count_params(d['params']) == d_expected == 593_377
   # Spectral-norm vectors are state, not parameters.
   assert set(d) == {'params', 'batch_stats'}
 
@@ -243,9 +262,17 @@ def test_batch_samplers_respect_class_counts():
     batch, y = train.sample_class_batch(jax.random.PRNGKey(c), pool, counts, c, 64)
     assert np.all(y == c)
     assert all(np.asarray(b).tobytes() in real_by_class[c] for b in batch)
-  batch, y = train.sample_balanced_batch(jax.random.PRNGKey(7), pool, counts, 256)
-  assert 90 < int(np.sum(y == 0)) < 166  # uniform over classes, not over images
+  n = 4096
+  batch, y = train.sample_balanced_batch(jax.random.PRNGKey(7), pool, counts, n)
   assert all(np.asarray(b).tobytes() in real_by_class[int(c)] for b, c in zip(batch, y))
+  # Uniform over classes: class 0 has p = 1/2, n/2 = 2048 +- 32 (one standard deviation);
+  # uniform over the 8 images would give it p = 3/8, 1536, 16 deviations away.
+  assert abs(int(np.sum(y == 0)) - n / 2) < 4 * 32
+  # Within a class, uniform over its images: each of class 1's 5 is drawn 2048 / 5 ~ 410 +- 18
+  # times.
+  drawn = collections.Counter(np.asarray(b).tobytes() for b, c in zip(batch, y) if c == 1)
+  assert len(drawn) == 5
+  assert all(abs(count - np.sum(y == 1) / 5) < 4 * 18 for count in drawn.values())
 
 
 def test_empty_class_raises():

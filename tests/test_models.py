@@ -47,18 +47,44 @@ def _images(shape, batch=2, seed=0):
 # --------------------------------------------------------------------------------------------
 
 
+def _resnet_params(widths, blocks_per_stage, num_classes=4):
+  """`models.ResNet`'s parameter count from its layer shapes: 3x3 convolutions without bias,
+  each followed by a batch norm (scale and shift), 1x1 projections where the width changes."""
+  conv_bn = lambda cin, cout: 9 * cin * cout + 2 * cout
+  total = conv_bn(3, widths[0])  # the stem
+  cin = widths[0]
+  for width in widths:
+    for _ in range(blocks_per_stage):
+      total += conv_bn(cin, width) + conv_bn(width, width)
+      if cin != width:
+        total += cin * width + 2 * width  # the projection and its batch norm
+      cin = width
+  return total + widths[-1] * num_classes + num_classes  # the dense head
+
+
 @pytest.mark.parametrize(
     'name, shape, expected',
     [
+        # The paper models' counts are Keras's own (tests/test_keras_equivalence.py builds the
+        # Keras twins): 27*37*64 = 63,936 and 28*38*64 + 2*64 = 68,224 features into Dense 128.
         ('cnn', PAPER_SHAPE, 8_240_772),
         ('cnn_rnn', PAPER_SHAPE, 8_925_764),  # Keras: 8,926,788 with cuDNN's second LSTM bias
-        ('resnet', (64, 64, 3), 695_844),
-        ('resnet', (96, 96, 3), 695_844),  # global pooling: independent of the input size
+        ('resnet', (64, 64, 3), _resnet_params((32, 64, 128), 2)),
+        ('resnet', (96, 96, 3), _resnet_params((32, 64, 128), 2)),  # global pooling
+        ('cellnet', (64, 64, 3), _resnet_params((16, 32, 64, 128), 1)),
     ],
 )
 def test_param_count_is_pinned(name, shape, expected):
   variables = _abstract_variables(models.get_model(name, num_classes=4), shape)
   assert models.count_params(variables['params']) == expected
+
+
+def test_resnet_counts_by_hand():
+  # The formula above, summed by hand for the default ResNet: stem 864 + 64; stage 1, two
+  # blocks of 2 * (9,216 + 64); stage 2, 18,432 + 128 + 36,864 + 128 + projection 2,048 + 128,
+  # then 2 * (36,864 + 128); stage 3 likewise at 64 -> 128; head 128 * 4 + 4.
+  assert _resnet_params((32, 64, 128), 2) == 695_844
+  assert _resnet_params((16, 32, 64, 128), 1) == 308_052  # CellNet's docstring
 
 
 def test_cnn_rnn_param_tree_names_the_lstm_layers():

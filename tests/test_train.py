@@ -145,27 +145,47 @@ def _extract_smear(manual_dir, tmp_path, number=0):
 
 def test_predict_cli_writes_csv(full_run, test_config, tmp_path):
   workdir, _ = full_run
-  smear, _ = _extract_smear(test_config.data.manual_dir, tmp_path)
   rdir = ablation.run_dir(workdir, 'frame', 'holdout', 'original', 'cnn')
+  preds = np.load(os.path.join(rdir, 'predictions.npz'))
+  # A test image of the run, whichever the split makes it: the CLI must reproduce the run's
+  # own evaluation of that image (the mean of the seeds' probabilities).
+  image_id = int(preds['test_image_ids'][0])
+  want = preds['test_probs'][:, 0].mean(0)
+  smear, _ = _extract_smear(test_config.data.manual_dir, tmp_path, image_id)
   out = tmp_path / 'preds.csv'
   proc = _run([sys.executable, '-m', 'wbc_jax.predict', f'--workdir={rdir}', f'--output={out}',
                str(smear)])
   assert proc.returncode == 0, proc.stderr[-3000:]
   import csv
+  from wbc_jax import predict
+  class_names = list(predict.load_run(rdir)[1])
+  assert class_names == ['EOSINOPHIL', 'LYMPHOCYTE', 'MONOCYTE', 'NEUTROPHIL']
   rows = list(csv.DictReader(open(out)))
   assert len(rows) == 1 and rows[0]['image'] == str(smear)
-  probs = [float(rows[0][f'p_{n}']) for n in ('EOSINOPHIL', 'LYMPHOCYTE', 'MONOCYTE', 'NEUTROPHIL')]
-  assert abs(sum(probs) - 1) < 1e-3
-  assert rows[0]['predicted'] in ('EOSINOPHIL', 'LYMPHOCYTE', 'MONOCYTE', 'NEUTROPHIL')
-  # The same probabilities as the run's own evaluation of that image, where it was evaluated.
-  from wbc_jax import predict
+  # The CSV rounds to 4 decimals.
+  np.testing.assert_allclose([float(rows[0][f'p_{n}']) for n in class_names], want, atol=1.5e-4)
   got = predict.predict_files(rdir, [str(smear)])[0]
-  preds = np.load(os.path.join(rdir, 'predictions.npz'))
-  for part in ('val', 'test'):
-    ids = preds[f'{part}_image_ids'].tolist()
-    if 0 in ids:
-      want = preds[f'{part}_probs'][:, ids.index(0)].mean(0)
-      np.testing.assert_allclose([got[f'p_{n}'] for n in predict.load_run(rdir)[1]], want, atol=1e-4)
+  np.testing.assert_allclose([got[f'p_{n}'] for n in class_names], want, atol=1e-4)
+  assert rows[0]['predicted'] == got['predicted'] == class_names[
+      int(np.argmax([got[f'p_{n}'] for n in class_names]))]
+
+
+def test_tested_parameters_are_those_of_the_first_best_validation_epoch(full_run):
+  """results.json's selection, read against the run's own per-epoch validation accuracy:
+  per seed the first epoch of highest accuracy, whose parameters are the ones evaluated."""
+  workdir, _ = full_run
+  for regime in ('original', 'original+trad'):
+    for model in ('cnn', 'cnn_rnn'):
+      rdir = ablation.run_dir(workdir, 'frame', 'holdout', regime, model)
+      results = json.load(open(os.path.join(rdir, 'results.json')))
+      history = [json.loads(line) for line in open(os.path.join(rdir, 'metrics.jsonl'))]
+      val = np.array([row['val_acc'] for row in history])  # [epochs, seeds]
+      assert results['select'] == 'val_accuracy'
+      # np.argmax returns the first of equal maxima.
+      np.testing.assert_array_equal(results['best_epoch'], np.argmax(val, axis=0) + 1)
+      np.testing.assert_allclose(results['best_val_accuracy'], val.max(axis=0))
+      final_val = [m['accuracy'] for m in results['splits']['val']['per_seed']]
+      np.testing.assert_allclose(final_val, val.max(axis=0), atol=1e-6)
 
 
 def test_predict_crop_needs_a_box(test_config, tmp_path):
