@@ -507,6 +507,11 @@ _MODELS: dict[str, Callable[..., nn.Module]] = {
     'cnn': CNN, 'cnn_rnn': CNNRNN, 'resnet': ResNet, 'cellnet': CellNet}
 
 
+def resolve_conv_impl(conv_impl: str) -> str:
+  """The implementation `conv_impl` ('auto' included) runs as here: 'xla' | 'matmul' | 'onednn'."""
+  return _resolve_conv_impl(conv_impl)
+
+
 def get_model(name: str, *, num_classes: int, conv_impl: str = 'auto', **kwargs) -> nn.Module:
   """Builds the model called `name` (one of `MODEL_NAMES`); kwargs go to its constructor."""
   if name not in _MODELS:
