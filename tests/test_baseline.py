@@ -158,6 +158,24 @@ def test_balanced_sampler_draws_each_class_equally_often():
                              np.bincount(labels) / len(labels), atol=0.01)
 
 
+def test_uniform_epochs_of_fixed_length_take_as_many_passes_as_needed(test_config):
+  labels = np.arange(32) % 4
+  images = np.zeros((32, 4, 4, 3), np.uint8)
+  kw = dict(seeds=[0], epoch=3, batch_size=8, aug=test_config.augment, augment=False,
+            sampling='uniform')
+  one_pass = ip.train_batches(images, labels, **kw)
+  assert len(one_pass) == 4
+  long = ip.train_batches(images, labels, max_steps=18, steps=18, **kw)
+  assert len(long) == 18  # train.steps_per_epoch is honoured, not cut at one pass
+  # 18 batches of 8 are 4.5 passes over 32 images: every class at least 4 x 8 times.
+  counts = np.bincount(np.concatenate([b['label'].ravel() for b in long]), minlength=4)
+  assert counts.sum() == 144 and counts.min() >= 32
+  # The first pass is the epoch's one-pass order: short epochs are unchanged.
+  np.testing.assert_array_equal(long[0]['label'], one_pass[0]['label'])
+  assert sorted(ip.epoch_indices(32, 8, 0, 3, part=1).ravel()) == list(range(32))
+  assert not np.array_equal(ip.epoch_indices(32, 8, 0, 3), ip.epoch_indices(32, 8, 0, 3, part=1))
+
+
 def test_sqrt_sampler_draws_classes_by_the_root_of_their_counts():
   labels = np.array([0] * 144 + [1] * 64 + [2] * 25 + [3] * 16)
   order = np.concatenate([ip.balanced_epoch_indices(labels, 32, 50, seed=1, epoch=e, power=0.5)

@@ -338,14 +338,17 @@ def augmentation_enabled(aug) -> bool:
 # ----------------------------------------------------------------------------- batches
 
 
-def epoch_indices(num_examples: int, batch_size: int, seed: int, epoch: int) -> np.ndarray:
+def epoch_indices(num_examples: int, batch_size: int, seed: int, epoch: int,
+                  part: int = 0) -> np.ndarray:
   """The training order of one seed's epoch, int [steps, batch_size].
 
   A permutation drawn from (seed, epoch); the last batch is filled up with the start
   of the same permutation, so every example is seen at least once per epoch and all
-  batches are full (static shapes, no masked training steps).
+  batches are full (static shapes, no masked training steps). part > 0 draws a further
+  pass of the same epoch (epochs of a fixed number of steps longer than one pass).
   """
-  perm = np.random.default_rng([seed, epoch, 0x5EED]).permutation(num_examples)
+  key = [seed, epoch, 0x5EED] + ([part] if part else [])
+  perm = np.random.default_rng(key).permutation(num_examples)
   steps = -(-num_examples // batch_size)
   return perm[np.arange(steps * batch_size) % num_examples].reshape(steps, batch_size)
 
@@ -393,7 +396,8 @@ def train_batches(images: np.ndarray, labels: np.ndarray, *, seeds, epoch: int, 
   extra:  optional (uint8 [M, H, W, 3], int [M]) synthetic images, appended to the
           training set of every seed; they never reach an evaluation split.
   max_steps: if > 0, only the first max_steps batches (short test runs).
-  sampling: 'uniform' (each image once per epoch, `epoch_indices`), 'balanced' (each
+  sampling: 'uniform' (each image once per pass, `epoch_indices`; an epoch of `steps`
+          batches is as many passes as that takes, else one pass), 'balanced' (each
           class equally often) or 'sqrt' (classes in proportion to the square root of
           their counts), both `balanced_epoch_indices` with `steps` batches (default: as
           many as a uniform epoch).
@@ -414,7 +418,14 @@ def train_batches(images: np.ndarray, labels: np.ndarray, *, seeds, epoch: int, 
                                              power=SAMPLING_POWER[sampling])
                       for s in seeds], axis=1)
   else:
-    order = np.stack([epoch_indices(len(labels), batch_size, s, epoch) for s in seeds], axis=1)
+    # One pass per epoch, or as many passes as `steps` asks for (each a fresh permutation).
+    def passes(s):
+      out = [epoch_indices(len(labels), batch_size, s, epoch)]
+      while steps and sum(len(o) for o in out) < steps:
+        out.append(epoch_indices(len(labels), batch_size, s, epoch, part=len(out)))
+      order = np.concatenate(out)
+      return order[:steps] if steps else order
+    order = np.stack([passes(s) for s in seeds], axis=1)
   if max_steps > 0:
     order = order[:max_steps]
   steps = order.shape[0]
