@@ -28,9 +28,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from wbc_jax import report  # noqa: E402
 
 
+MODEL = 'cellnet'  # the work directories may hold other models' runs (the floor) beside it
+
+
 def pooled(workdir: str, key: str = 'test_probs', seed_index: int = 0):
   """(image_ids, labels, probs [N, C]) of repeat 0's folds; None if a fold is missing."""
-  pattern = os.path.join(workdir, 'crop', 'r0_k*', 'original_trad', '*', 'predictions.npz')
+  pattern = os.path.join(workdir, 'crop', 'r0_k*', 'original_trad', MODEL, 'predictions.npz')
   paths = sorted(glob.glob(pattern))
   if not paths:
     raise SystemExit(f'{workdir}: no finished fold of repeat 0 ({pattern}).')
@@ -50,7 +53,7 @@ def validation_means(workdir: str, seed_index: int = 0) -> dict[str, float]:
   training part), so they are averaged per fold rather than pooled. These are the figures a
   recipe decision may look at: selection never consults the test images.
   """
-  paths = sorted(glob.glob(os.path.join(workdir, 'crop', 'r0_k*', 'original_trad', '*',
+  paths = sorted(glob.glob(os.path.join(workdir, 'crop', 'r0_k*', 'original_trad', MODEL,
                                         'results.json')))
   per_fold = [json.load(open(p))['splits']['val']['per_seed'][seed_index] for p in paths]
   return {m: float(np.mean([f[m] for f in per_fold])) for m in ('accuracy', 'balanced_accuracy')}
@@ -71,7 +74,7 @@ def main(argv=None):
     rows.append((label, workdir, 'test_probs'))
   (ids0, labels, probs0), folds0 = pooled(args.full)
   class_names = json.load(open(glob.glob(os.path.join(
-      args.full, 'crop', 'r0_k0', 'original_trad', '*', 'results.json'))[0]))['class_names']
+      args.full, 'crop', 'r0_k0', 'original_trad', MODEL, 'results.json'))[0]))['class_names']
   mono = class_names.index('MONOCYTE')
   full_preds = probs0.argmax(-1)[None]
   out, lines = [], []
@@ -88,7 +91,9 @@ def main(argv=None):
     recall = report.recalls(labels, preds[0], len(class_names))
     diff = report.paired_difference(labels, preds, full_preds, report.balanced_accuracy,
                                     len(class_names), n_boot=args.n_boot, seed=0)
-    val = validation_means(workdir)
+    # The no-TTA / no-EMA rows are the full recipe's trained seeds: their validation figures
+    # were not computed without that part, so none is shown.
+    val = validation_means(workdir) if key == 'test_probs' else None
     out.append({'label': label, 'workdir': workdir, 'key': key, **est, 'validation': val,
                 'recall': dict(zip(class_names, recall.tolist())),
                 'balanced_accuracy_minus_full': diff})
@@ -96,8 +101,9 @@ def main(argv=None):
     delta = ('' if label == 'full recipe' else
              f'{100 * diff["point"]:+.1f} [{100 * diff["low"]:+.1f}, {100 * diff["high"]:+.1f}]')
     lines.append(f'| {label} | {ci(est["accuracy"])} | {ci(est["balanced_accuracy"])} | '
-                 f'{100 * recall[mono]:.0f} | {delta} | {100 * val["accuracy"]:.1f} / '
-                 f'{100 * val["balanced_accuracy"]:.1f} |')
+                 f'{100 * recall[mono]:.0f} | {delta} | ' +
+                 (f'{100 * val["accuracy"]:.1f} / {100 * val["balanced_accuracy"]:.1f} |'
+                  if val else 'not computed |'))
   n = len(labels)
   text = '\n'.join([
       '# What each part of the strong baseline buys', '',
