@@ -461,8 +461,9 @@ def train_and_evaluate(config, workdir: str, *, examples: ip.Examples, split: ip
   # them all (the key holds everything the programs close over).
   program_key = (model_name, num_classes, tc.to_json(), image_shape, mesh.shape_tuple,
                  tuple(d.id for d in mesh.devices.flat), options, steps)
-  programs = _cached_programs(program_key, lambda tta: make_programs(
-      model, tx, image_shape, mesh, options=options, tta=tta), bool(tc.get('tta', False)))
+  programs_for = lambda tta: _cached_programs(program_key, lambda tta: make_programs(
+      model, tx, image_shape, mesh, options=options, tta=tta), tta)
+  programs = programs_for(bool(tc.get('tta', False)))
   # This process builds the batches of the seeds its devices hold, and only those: a
   # seed's order and augmentation draws do not depend on the seeds beside it.
   local_rows = sharding.local_seed_rows(programs.seed_sharding, len(seeds))
@@ -505,8 +506,7 @@ def train_and_evaluate(config, workdir: str, *, examples: ip.Examples, split: ip
   # cheaper than test-time augmentation; the final evaluation below always uses `tta`.
   curve_programs = programs
   if tc.get('tta', False) and not tc.get('curve_tta', True):
-    curve_programs = _cached_programs(program_key, lambda tta: make_programs(
-        model, tx, image_shape, mesh, options=options, tta=tta), False)
+    curve_programs = programs_for(False)
 
   tb = _tensorboard_writers(workdir, seeds) if write else []
   t_start = time.time()
@@ -599,9 +599,7 @@ def train_and_evaluate(config, workdir: str, *, examples: ip.Examples, split: ip
   # trained seeds: the test predictions without one of them (no retraining needed).
   variants = {}
   if tc.get('tta', False):
-    plain = _cached_programs(program_key, lambda tta: make_programs(
-        model, tx, image_shape, mesh, options=options, tta=tta), False)
-    variants['no_tta'] = (plain.predict, state.best_params, state.best_batch_stats)
+    variants['no_tta'] = (programs_for(False).predict, state.best_params, state.best_batch_stats)
   if options.ema_decay > 0 and select == 'last':
     variants['no_ema'] = (programs.predict, state.params, state.batch_stats)
   x_test, y_test = eval_final['test']
