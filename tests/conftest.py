@@ -1,13 +1,40 @@
 """Shared fixtures: the real BCCD copy, prepared once per test session into a temp TFDS dir."""
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # so tests can import configs/
+
+
+def _share_compiled_programs() -> None:
+  """A persistent JAX compilation cache for this session and every subprocess it starts.
+
+  Many tests (and the command lines they run) compile the same small programs; from the
+  second time on XLA's work is a disk read. Set before jax is imported, through the
+  environment, so subprocesses inherit it. WBC_JAX_TEST_JAX_CACHE names a directory kept
+  between sessions (a developer's loop); otherwise each session starts from an empty one, so
+  CI never reuses programs compiled by another version of the code. The benchmark turns the
+  cache off: it times compilation.
+  """
+  if 'jax' in sys.modules:
+    return  # too late to configure through the environment
+  cache = os.environ.get('WBC_JAX_TEST_JAX_CACHE')
+  if not cache:
+    cache = tempfile.mkdtemp(prefix='wbc_jax_xla_cache_')
+    atexit.register(shutil.rmtree, cache, ignore_errors=True)
+  os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', cache)
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '-1')
+
+
+_share_compiled_programs()
 
 
 def bccd_manual_dir() -> str:
