@@ -7,9 +7,11 @@ regime is judged on top of it.
       IMAGE.jpg
 
 The recipe (every part a config field, the rest as `configs/ablation.py`):
-  view     a fixed 288-pixel window of the smear centred on the WBC box, resized to 64 px
-           (`data.crop_mode='window'`): the cell keeps its size (lymphocytes are small,
-           monocytes large), at ~4.5x downscaling instead of the per-box crop's ~8x;
+  view     the per-box crop (`data.crop_mode='box'`): a square 25% wider than the WBC box's
+           longer side, resized to 64 px (a ~200 px cell at ~4x downscaling). A fixed
+           288-pixel window centred on the box (`crop_mode='window'`, ',window' below) keeps
+           the cell's absolute size instead (lymphocytes small, monocytes large); it lost to
+           the per-box crop on validation (experiments/baseline/removal.md);
   input    standardised per channel with the training images' statistics;
   model    `cellnet`, a 308 k-parameter ResNet with a stride-2 stem (wbc_jax.models);
   augment  in the jitted step (wbc_jax.augment): the 8 flips/rotations by 90 degrees, any
@@ -30,8 +32,9 @@ Variants:
          repeated twice, 2 seeds. About an hour on a 2-core CPU.
   quick  one holdout split, the same recipe: about 8 minutes on a 2-core CPU.
   test   seconds, for the test suite.
-  Add ',paper_models' for the paper's CNN and CNN-RNN with the same recipe (60x80 frames
-  cost ~30x a cellnet step: hours), ',box' for the per-box crop instead of the window.
+  Add ',paper_models' for the paper's CNN and CNN-RNN with the same recipe (their
+  full-resolution convolutions cost ~20x a cellnet step: hours), ',window' for the 288-pixel
+  window instead of the per-box crop (',box', the default, is accepted too).
 """
 
 import importlib.util
@@ -50,21 +53,26 @@ def _ablation_config(variant: str) -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """arg: 'quick' | 'cv' | 'test', optionally followed by ',paper_models' and/or ',box'."""
+  """arg: 'quick' | 'cv' | 'test', optionally followed by ',paper_models' and/or ',window'."""
   names = ('quick', 'cv', 'test')
-  options = ('paper_models', 'box')
+  options = ('paper_models', 'box', 'window')
   tokens = [t for t in (arg or 'quick').split(',') if t]
   variants = [t for t in tokens if t in names]
   unknown = [t for t in tokens if t not in names + options]
   if unknown or len(variants) != 1:
     raise ValueError(f"configs/baseline.py: bad argument {arg!r}; expected one of "
-                     f"{', '.join(names)}, optionally followed by ',paper_models' or ',box'.")
+                     f"{', '.join(names)}, optionally followed by ',paper_models' and/or ',window' "
+                     "(or ',box', the default).")
   variant = variants[0]
   c = _ablation_config('test' if variant == 'test' else '')
   with c.unlocked():
     c.num_seeds = 2
     c.data.view = 'crop'
-    c.data.crop_mode = 'box' if 'box' in tokens else 'window'
+    if 'box' in tokens and 'window' in tokens:
+      raise ValueError(f"configs/baseline.py: bad argument {arg!r}; ',box' and ',window' "
+                       "are two crop modes, give one.")
+    c.data.crop_mode = 'window' if 'window' in tokens else 'box'
+    # Used by crop_mode='window' only.
     c.data.window_px = 288
     c.data.crop_size = 64
 

@@ -268,6 +268,18 @@ def test_loss_constants():
   np.testing.assert_array_equal(train.loss_constants(np.array([0, 1]), 3, tc)['logit_offset'], 0)
 
 
+def test_baseline_config_crop_mode_options():
+  from configs import baseline
+  assert baseline.get_config('cv').data.crop_mode == 'box'  # the validation-chosen default
+  assert baseline.get_config('cv,box').data.crop_mode == 'box'
+  assert baseline.get_config('quick,window').data.crop_mode == 'window'
+  assert baseline.get_config('cv,paper_models').ablation.models == ('cnn', 'cnn_rnn')
+  for bad, message in (('cv,box,window', 'two crop modes'), ('cv,wide', "'cv,wide'"),
+                       ('box', 'expected one of')):
+    with pytest.raises(ValueError, match=message):
+      baseline.get_config(bad)
+
+
 # ----------------------------------------------------------------------------- end to end
 
 
