@@ -144,6 +144,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # wbc_jax.gan.measures) in the feature space of that split's 'original' CNN.
   c.synthetic.measures = False
 
+  # The WBC localiser (wbc_jax.localise): a small CenterNet-style network on the frame
+  # downscaled to input_hw, fitted on the training images' WBC boxes only.
+  c.localiser = ml_collections.ConfigDict()
+  c.localiser.input_hw = (120, 160)   # a ~200 px WBC of the 480x640 frame becomes ~50 px
+  c.localiser.width = 32
+  c.localiser.steps = 400
+  c.localiser.batch_size = 16
+  c.localiser.learning_rate = 3e-3
+  c.localiser.weight_decay = 1e-4
+  c.localiser.threshold = 0.3         # heatmap peak score that counts as a found cell
+
   c.ablation = ml_collections.ConfigDict()
   c.ablation.regimes = REGIMES
   c.ablation.models = ('cnn', 'cnn_rnn')
@@ -220,6 +231,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       c.gan.checkpoint_every = 2
       c.gan.channels = 8 if gan_kind == 'cond' else 0
     c.synthetic.target_per_class = 40
+    c.localiser.input_hw = (48, 64)
+    c.localiser.width = 8
+    c.localiser.steps = 3
+    c.localiser.batch_size = 4
   if 'max_steps_per_epoch' not in c.train:
     c.train.max_steps_per_epoch = -1  # truncate epochs (tests only); -1: whole epochs
   c.lock()
