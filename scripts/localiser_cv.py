@@ -1,0 +1,154 @@
+r"""How well the WBC is found on test frames: the localiser network and the classical baseline,
+each fitted on the training images of every split of a config's protocol, scored on that
+split's test frames.
+
+  python scripts/localiser_cv.py --config=configs/baseline.py:cv --max_splits=5 \
+      --workdir=workdirs/localiser_cv --out=experiments/localiser
+
+Each finished split is written to WORKDIR/<split>.json (a cut-off run resumes from them);
+OUT/README.md gets the table (per split and pooled over the test frames) and OUT/results.json
+every number. Hit: the most confident detection has IoU >= 0.5 with an annotated WBC box.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from wbc_jax import input_pipeline as ip  # noqa: E402
+from wbc_jax import localise  # noqa: E402
+from wbc_jax import utils  # noqa: E402
+
+
+def load_config(spec: str):
+  import importlib.util
+  path, _, arg = spec.partition(':')
+  if not os.path.isfile(path):
+    raise SystemExit(f'--config={spec}: no such file {path}.')
+  module_spec = importlib.util.spec_from_file_location('localiser_cv_config', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+def run_split(raw, split, config) -> dict:
+  frames, boxes = raw['images'], raw['boxes']
+  train = split.train  # training images only: never a validation or test box
+  test_boxes = [boxes[i] for i in split.test]
+  out = {'split': split.name, 'n_train': int(len(train)), 'n_test': int(len(split.test))}
+  start = time.perf_counter()
+  classical = localise.fit_classical(frames[train], [boxes[i] for i in train],
+                                     config.localiser.input_hw)
+  found = classical.detect(frames[split.test])
+  out['classical'] = localise.score_detections(found, test_boxes, threshold=0.0)
+  out['classical']['fit_seconds'] = time.perf_counter() - start
+  out['classical']['scale'] = classical.scale
+  net = localise.fit_localiser(frames[train], [boxes[i] for i in train], config.localiser,
+                               seed=config.seed, log=print)
+  found = localise.detect(net, frames[split.test])
+  out['network'] = localise.score_detections(found, test_boxes, config.localiser.threshold)
+  out['network']['fit_seconds'] = net.train_seconds
+  return out
+
+
+def summarise(per_split: list[dict]) -> dict:
+  summary = {}
+  for kind in ('network', 'classical'):
+    rows = [r for s in per_split for r in s[kind]['rows']]
+    centre = np.array([r['centre_px'] for r in rows], np.float64)
+    summary[kind] = {
+        'frames': len(rows),
+        'hits': int(sum(r['hit'] for r in rows)),
+        'hit_rate': float(np.mean([r['hit'] for r in rows])),
+        'mean_iou': float(np.mean([r['iou'] for r in rows])),
+        'median_centre_error_px': float(np.nanmedian(centre)),
+        'p90_centre_error_px': float(np.nanpercentile(centre, 90)),
+        'none_found': int(sum(r['found'] == 0 for r in rows)),
+        'several_found': int(sum(r['found'] >= 2 for r in rows)),
+        'mean_fit_seconds': float(np.mean([s[kind]['fit_seconds'] for s in per_split])),
+    }
+  return summary
+
+
+def markdown(per_split, summary, header) -> str:
+  lines = ['# Finding the WBC on test frames', '',
+           f'- Command: `{header["command"]}`',
+           f'- Machine: {header["machine"]}; date {header["date"]}; wall time {header["wall"]}',
+           f'- Splits: {", ".join(s["split"] for s in per_split)} (fitted on each split\'s '
+           'training images; scored on its test frames, each frame once)', '',
+           'Hit: the most confident detection overlaps an annotated WBC box with IoU >= 0.5. '
+           'Centre error: pixels of the 640x480 frame to the nearest annotated centre. None / '
+           'several: frames with no detection / two or more above the threshold.', '',
+           '| localiser | frames | hit rate % | mean IoU | median / p90 centre error (px) | none | '
+           'several | fit time per split (s) |', '| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |']
+  for kind, name in (('network', 'network (wbc_jax.localise.CentreNet)'),
+                     ('classical', 'classical (violet nucleus, fitted scale)')):
+    s = summary[kind]
+    lines.append(f'| {name} | {s["frames"]} | {100 * s["hit_rate"]:.1f} ({s["hits"]}) | '
+                 f'{s["mean_iou"]:.3f} | {s["median_centre_error_px"]:.1f} / '
+                 f'{s["p90_centre_error_px"]:.1f} | {s["none_found"]} | {s["several_found"]} | '
+                 f'{s["mean_fit_seconds"]:.0f} |')
+  lines += ['', '| split | network hit % | classical hit % | network misses (IoU) |',
+            '| --- | ---: | ---: | --- |']
+  for s in per_split:
+    misses = [f'{r["iou"]:.2f}' for r in s['network']['rows'] if not r['hit']]
+    lines.append(f'| {s["split"]} | {100 * s["network"]["hit_rate"]:.1f} | '
+                 f'{100 * s["classical"]["hit_rate"]:.1f} | {", ".join(misses) or "-"} |')
+  return '\n'.join(lines) + '\n'
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  p.add_argument('--config', default='configs/baseline.py:cv')
+  p.add_argument('--max_splits', type=int, default=5)
+  p.add_argument('--workdir', required=True)
+  p.add_argument('--out', required=True)
+  args = p.parse_args(argv)
+  config = load_config(args.config)
+  start = time.perf_counter()
+  raw = ip.load_raw(config.data)
+  splits = ip.make_splits(raw['labels'], config.split)
+  if args.max_splits > 0:
+    splits = splits[:args.max_splits]
+  os.makedirs(args.workdir, exist_ok=True)
+  per_split = []
+  for i, split in enumerate(splits):
+    path = os.path.join(args.workdir, f'{split.name}.json')
+    if os.path.isfile(path):
+      per_split.append(utils.read_json(path))
+      print(f'[{i + 1}/{len(splits)}] {split.name}: done before, read {path}')
+      continue
+    print(f'[{i + 1}/{len(splits)}] {split.name}: fitting on {len(split.train)} training frames')
+    result = run_split(raw, split, config)
+    utils.write_json(path, result)
+    print(f'[{i + 1}/{len(splits)}] {split.name}: network hit rate '
+          f'{result["network"]["hit_rate"]:.3f}, classical {result["classical"]["hit_rate"]:.3f}')
+    per_split.append(result)
+  summary = summarise(per_split)
+  header = {'command': 'python scripts/localiser_cv.py ' + shlex.join(argv or sys.argv[1:]),
+            'machine': f'{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs',
+            'date': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
+            'wall': f'{time.perf_counter() - start:.0f} s (this invocation)'}
+  os.makedirs(args.out, exist_ok=True)
+  utils.write_json(os.path.join(args.out, 'results.json'),
+                   {'header': header, 'summary': summary,
+                    'splits': [{k: v for k, v in s.items()} for s in per_split]})
+  with open(os.path.join(args.out, 'README.md'), 'w') as f:
+    f.write(markdown(per_split, summary, header))
+  print(json.dumps(summary, indent=1))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
