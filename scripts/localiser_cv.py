@@ -42,6 +42,17 @@ def load_config(spec: str):
   return module.get_config(arg or None)
 
 
+def cpu_name() -> str:
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
 def run_split(raw, split, config) -> dict:
   frames, boxes = raw['images'], raw['boxes']
   train = split.train  # training images only: never a validation or test box
@@ -137,9 +148,10 @@ def main(argv=None) -> int:
     per_split.append(result)
   summary = summarise(per_split)
   header = {'command': 'python scripts/localiser_cv.py ' + shlex.join(argv or sys.argv[1:]),
-            'machine': f'{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs',
+            'machine': f'{cpu_name()}, {os.cpu_count()} CPUs',
             'date': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
-            'wall': f'{time.perf_counter() - start:.0f} s (this invocation)'}
+            'wall': f'{time.perf_counter() - start:.0f} s (this invocation; splits finished '
+                    'before are read back, not refitted)'}
   os.makedirs(args.out, exist_ok=True)
   utils.write_json(os.path.join(args.out, 'results.json'),
                    {'header': header, 'summary': summary,
