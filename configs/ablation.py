@@ -29,9 +29,10 @@ import os
 
 import ml_collections
 
+from wbc_jax import names
 from wbc_jax.gan import train as gan_train
 
-REGIMES = ('original', 'original+trad', 'original+gan', 'original+gan+trad')
+REGIMES = names.REGIME_NAMES
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -141,7 +142,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.synthetic.target_per_class = 300  # the paper's
   c.synthetic.gan_seed = 0            # one GAN per split, shared by the classifier seeds
   # After the runs, measure each split's synthetic images (KID, FID, CAS, memorisation;
-  # wbc_jax.gan.measures) in the feature space of that split's 'original' CNN.
+  # wbc_jax.measures) in the feature space of that split's 'original' CNN.
   c.synthetic.measures = False
 
   c.ablation = ml_collections.ConfigDict()

@@ -64,8 +64,8 @@ def make_workdir(path, *, protocol='kfold', folds=3, repeats=2,
     for i, regime in enumerate(regimes):
       for j, model in enumerate(models):
         write_run(path, 'frame', name, regime, model, ids=ids[te], labels=labels[te],
-                  train_labels=labels[tr], probs=probs_with_skill(rng, labels[te], 0.3 + i + 0.6 * j),
-                  protocol=protocol)
+                  train_labels=labels[tr],
+                  probs=probs_with_skill(rng, labels[te], 0.3 + i + 0.6 * j), protocol=protocol)
   utils.write_json(os.path.join(path, 'config.json'), {
       'split': {'protocol': protocol, 'folds': folds, 'repeats': repeats}, 'num_seeds': 2,
       'train': {'epochs': 1}, 'gan': {'kind': 'cond'}})

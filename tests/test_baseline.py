@@ -14,10 +14,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from wbc_jax import ablation
 from wbc_jax import augment
 from wbc_jax import input_pipeline as ip
 from wbc_jax import models
+from wbc_jax import rundir
 from wbc_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -298,7 +298,7 @@ def test_statistics_come_from_training_images_only(test_config, tmp_path):
     model = models.get_model('cellnet', num_classes=4)
     programs = train.make_programs(model, train.make_optimizer(config.train), (24, 24, 3),
                                    options=train.StepOptions.from_config(config, augment=True))
-    state = train.restore_run_state(str(tmp_path / name),
+    state = rundir.restore_run_state(str(tmp_path / name),
                                     jax.eval_shape(programs.init, train.seed_keys([0, 1])))
     means.append((np.asarray(state.input_mean), np.asarray(state.input_std)))
   want_mean, want_std = ip.channel_stats(examples.images[split.train])
@@ -328,7 +328,7 @@ def test_baseline_config_end_to_end_and_predict_applies_the_stored_standardisati
          f'--config.data.data_dir={test_config.data.data_dir}']
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  rdir = ablation.run_dir(str(workdir), 'crop', 'holdout', 'original+trad', 'cellnet')
+  rdir = rundir.run_dir(str(workdir), 'crop', 'holdout', 'original+trad', 'cellnet')
   results = json.load(open(os.path.join(rdir, 'results.json')))
   assert results['select'] == 'last' and results['best_epoch'] == [2, 2]
   assert results['splits']['test']['ensemble']['n'] == 44
@@ -345,7 +345,7 @@ def test_baseline_config_end_to_end_and_predict_applies_the_stored_standardisati
   config = _baseline_config(test_config)
   programs = train.make_programs(model, train.make_optimizer(config.train), (24, 24, 3),
                                  options=train.StepOptions.from_config(config, augment=True))
-  state = train.restore_run_state(rdir, jax.eval_shape(programs.init, train.seed_keys([0, 1])))
+  state = rundir.restore_run_state(rdir, jax.eval_shape(programs.init, train.seed_keys([0, 1])))
   assert np.all(np.abs(np.asarray(state.input_mean) - 0) > 0.2)
   assert np.all(np.abs(np.asarray(state.input_std) - 1) > 0.5)
   # The CLI writes the same row.

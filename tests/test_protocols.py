@@ -12,6 +12,7 @@ import pytest
 
 from wbc_jax import ablation
 from wbc_jax import input_pipeline as ip
+from wbc_jax import rundir
 from wbc_jax.gan import train as gan_train
 
 
@@ -46,7 +47,7 @@ def _config(test_config, protocol, regimes):
 
 
 def _run_files(workdir, split, regime):
-  rdir = ablation.run_dir(workdir, 'frame', split, regime, 'cnn')
+  rdir = rundir.run_dir(workdir, 'frame', split, regime, 'cnn')
   with open(os.path.join(rdir, 'results.json')) as f:
     results = json.load(f)
   return results, np.load(os.path.join(rdir, 'predictions.npz'))

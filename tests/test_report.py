@@ -17,6 +17,8 @@ import pytest
 from sklearn import metrics as skm
 
 from fake_workdirs import make_kfold_workdir, make_workdir
+from wbc_jax import cells
+from wbc_jax import names
 from wbc_jax import report
 from wbc_jax import stats
 from wbc_jax import utils
@@ -40,7 +42,7 @@ def _recompute_pooled(workdir, cell, score):
   """Mean over repeats of score(labels, preds) on each repeat's pool, with sklearn."""
   by_repeat = {}
   for split, _, z in _runs_of(workdir, cell):
-    by_repeat.setdefault(report.repeat_of(split), []).append(z)
+    by_repeat.setdefault(cells.repeat_of(split), []).append(z)
   values = []
   for parts in by_repeat.values():
     labels = np.concatenate([z['test_labels'] for z in parts])
@@ -74,76 +76,10 @@ def _honest(data):
 # ----------------------------------------------------------------------------- pure functions
 
 
-@pytest.mark.filterwarnings('ignore:y_pred contains classes not in y_true')
-@pytest.mark.parametrize('seed', range(5))
-def test_fast_metrics_match_sklearn(seed):
-  rng = np.random.default_rng(seed)
-  labels = rng.choice(4, size=30, p=[0.1, 0.2, 0.0, 0.7])  # class 2 absent from the labels
-  preds = rng.integers(0, 4, size=30)
-  assert report.accuracy(labels, preds, 4) == pytest.approx(skm.accuracy_score(labels, preds))
-  assert report.balanced_accuracy(labels, preds, 4) == pytest.approx(
-      skm.balanced_accuracy_score(labels, preds))
-  assert report.macro_f1(labels, preds, 4) == pytest.approx(
-      skm.f1_score(labels, preds, average='macro', zero_division=0))
-  expected = skm.recall_score(labels, preds, labels=[0, 1, 3], average=None)
-  np.testing.assert_allclose(report.recalls(labels, preds, 4)[[0, 1, 3]], expected)
-  assert np.isnan(report.recalls(labels, preds, 4)[2])
-
-
 def test_repeat_of():
-  assert report.repeat_of('r0_k3') == 0
-  assert report.repeat_of('r2_k0') == 2
-  assert report.repeat_of('holdout') == 0
-
-
-def test_pool_repeat_sorts_by_image_and_rejects_duplicates():
-  parts = [(np.array([7, 3]), np.array([1, 0]), np.array([[0.2, 0.8], [0.9, 0.1]])),
-           (np.array([5]), np.array([1]), np.array([[0.4, 0.6]]))]
-  ids, labels, probs = report.pool_repeat(parts)
-  np.testing.assert_array_equal(ids, [3, 5, 7])
-  np.testing.assert_array_equal(labels, [0, 1, 1])
-  np.testing.assert_allclose(probs, [[0.9, 0.1], [0.4, 0.6], [0.2, 0.8]])
-  with pytest.raises(report.ReportError, match='more than once'):
-    report.pool_repeat(parts + [(np.array([3]), np.array([0]), np.array([[1.0, 0.0]]))])
-
-
-def test_align_repeats_keeps_first_repeat_when_images_differ():
-  a = (np.array([1, 2]), np.array([0, 1]), np.array([[0.9, 0.1], [0.3, 0.7]]))
-  b = (np.array([1, 2]), np.array([0, 1]), np.array([[0.1, 0.9], [0.3, 0.7]]))
-  c = (np.array([1, 3]), np.array([0, 1]), np.array([[0.9, 0.1], [0.3, 0.7]]))
-  ids, labels, preds, probs, note = report.align_repeats([a, b])
-  np.testing.assert_array_equal(preds, [[0, 1], [1, 1]])
-  assert probs.shape == (2, 2, 2) and note == ''
-  _, _, preds, _, note = report.align_repeats([a, c])
-  assert preds.shape == (1, 2) and 'first repeat' in note
-
-
-def test_pooled_estimate_averages_repeats_with_shared_resamples():
-  labels = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2, 2])
-  p0 = np.array([0, 0, 1, 1, 1, 2, 2, 2, 0, 2])
-  p1 = np.array([0, 1, 1, 1, 0, 2, 2, 2, 2, 2])
-  fn = report.balanced_accuracy
-  both = report.pooled_estimate(labels, np.stack([p0, p1]), fn, 3, n_boot=300, seed=0)
-  expected = np.mean([skm.balanced_accuracy_score(labels, p) for p in (p0, p1)])
-  assert both['point'] == pytest.approx(expected)
-  assert both['low'] <= both['point'] <= both['high']
-  # Two identical repeats are one repeat: same point and the same interval (same resamples).
-  twice = report.pooled_estimate(labels, np.stack([p0, p0]), fn, 3, n_boot=300, seed=0)
-  once = report.pooled_estimate(labels, p0, fn, 3, n_boot=300, seed=0)
-  assert twice == pytest.approx(once)
-
-
-def test_paired_difference():
-  labels = np.array([0, 0, 1, 1, 1, 1])
-  a = np.array([0, 0, 1, 1, 1, 0])
-  same = report.paired_difference(labels, a[None], a[None], report.accuracy, 2, n_boot=100,
-                                  seed=0)
-  assert same == {'point': 0.0, 'low': 0.0, 'high': 0.0}
-  b = np.array([1, 0, 1, 1, 0, 0])
-  diff = report.paired_difference(labels, a[None], b[None], report.accuracy, 2, n_boot=100,
-                                  seed=0)
-  assert diff['point'] == pytest.approx(2 / 6)
-  assert diff['low'] <= diff['point'] <= diff['high']
+  assert cells.repeat_of('r0_k3') == 0
+  assert cells.repeat_of('r2_k0') == 2
+  assert cells.repeat_of('holdout') == 0
 
 
 # ----------------------------------------------------------------------------- built reports
@@ -175,8 +111,8 @@ def test_mean_sd_over_splits_and_seeds(kfold_report):
 def test_markdown_rows_print_report_json(kfold_report):
   _, data, markdown = kfold_report
   for cell in _honest(data):
-    row = _row(markdown, 'frame', report.REGIME_NAMES[cell['regime']],
-               report.MODEL_NAMES[cell['model']])
+    row = _row(markdown, 'frame', names.REGIME_LABELS[cell['regime']],
+               names.MODEL_LABELS[cell['model']])
     for key in ('accuracy', 'balanced_accuracy', 'macro_f1'):
       assert f'| {report._mean_sd_text(cell["mean_sd"][key])} |' in row
       assert f'| {report._ci_text(cell["pooled"][key])} |' in row

@@ -35,7 +35,9 @@ from wbc_jax import onednn_conv
 Array = jax.Array
 Initializer = Callable[..., Array]
 
-MODEL_NAMES = ('cnn', 'cnn_rnn', 'resnet', 'cellnet')
+# The networks `get_model` builds, with their names in the report's tables.
+MODEL_LABELS = {'cnn': 'CNN', 'cnn_rnn': 'CNN-RNN', 'resnet': 'ResNet', 'cellnet': 'cellnet'}
+MODEL_NAMES = tuple(MODEL_LABELS)
 CONV_IMPLS = ('xla', 'matmul', 'onednn', 'auto')
 PADDINGS = ('VALID', 'SAME')
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 import time
 from typing import Any, Callable
@@ -364,17 +363,6 @@ def class_weights_for(labels: np.ndarray, num_classes: int, enabled: bool) -> np
   return w.astype(np.float32)
 
 
-def _split_metrics(labels, probs, class_names) -> dict:
-  """Per-seed metrics and those of the seed ensemble (mean probability)."""
-  per_seed = [metrics_lib.classification_metrics(labels, p, class_names) for p in probs]
-  return {
-      'per_seed': per_seed,
-      'seed_summary': metrics_lib.summarize_seeds(per_seed),
-      'ensemble': metrics_lib.classification_metrics(
-          labels, metrics_lib.ensemble_probs(probs), class_names),
-  }
-
-
 def _nll(labels, probs):
   """Mean NLL per seed. probs [S, N, C] -> [S]."""
   p = np.take_along_axis(probs, np.asarray(labels)[None, :, None], axis=-1)[..., 0]
@@ -541,7 +529,8 @@ def train_and_evaluate(config, workdir: str, *, examples: ip.Examples, split: ip
                             tc.eval_batch_size, state.input_norm)
       row[f'{name}_loss'] = _nll(y, probs).tolist()
       row[f'{name}_acc'] = (probs.argmax(-1) == y[None]).mean(axis=1).tolist()
-      row[f'{name}_bacc'] = [metrics_lib.balanced_accuracy(y, p.argmax(-1)) for p in probs]
+      row[f'{name}_bacc'] = [metrics_lib.balanced_accuracy(y, p.argmax(-1), num_classes)
+                             for p in probs]
     state = programs.select_best(
         state, sharding.put(selection_score(select, row), programs.seed_sharding))
     epoch_secs = time.time() - t0
@@ -588,7 +577,7 @@ def train_and_evaluate(config, workdir: str, *, examples: ip.Examples, split: ip
   for name, (x, y) in eval_final.items():
     probs = predict_probs(programs.predict, state.best_params, state.best_batch_stats, x,
                           tc.eval_batch_size, state.input_norm)
-    results['splits'][name] = _split_metrics(y, probs, examples.class_names)
+    results['splits'][name] = metrics_lib.split_metrics(y, probs, examples.class_names)
     if name != 'train':
       idx = getattr(split, name)
       arrays.update({f'{name}_probs': probs, f'{name}_labels': y,
@@ -607,27 +596,13 @@ def train_and_evaluate(config, workdir: str, *, examples: ip.Examples, split: ip
   for name, (predict, params, batch_stats) in variants.items():
     probs = predict_probs(predict, params, batch_stats, x_test, tc.eval_batch_size,
                           state.input_norm)
-    results['test_variants'][name] = _split_metrics(y_test, probs, examples.class_names)
+    results['test_variants'][name] = metrics_lib.split_metrics(y_test, probs,
+                                                               examples.class_names)
     arrays[f'test_probs_{name}'] = probs
   if write:
     np.savez(os.path.join(workdir, 'predictions.npz'), **arrays)
     _write_figures(workdir, history, results, examples.class_names)
   return results
-
-
-def restore_run_state(run_dir: str, abstract_state: PyTree) -> PyTree:
-  """The TrainState [S, ...] of a run directory's latest checkpoint.
-
-  abstract_state: the state's shapes (e.g. `jax.eval_shape` of the vmapped init), with or
-  without shardings. Raises FileNotFoundError naming the directory when there is no checkpoint.
-  """
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-  with ocp.CheckpointManager(os.path.abspath(os.path.join(run_dir, 'checkpoints'))) as manager:
-    step = manager.latest_step()
-    if step is None:
-      raise FileNotFoundError(f'{run_dir}/checkpoints: no checkpoint to load.')
-    return manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract)))['state']
 
 
 def _tensorboard_writers(workdir, seeds):

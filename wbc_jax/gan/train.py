@@ -33,11 +33,11 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from wbc_jax import plots
 from wbc_jax import utils
 from wbc_jax.gan import diffaug
 from wbc_jax.gan import losses
 from wbc_jax.gan import models
-from wbc_jax.gan.grid import save_image_grid
 
 GAN_KINDS = ('paper', 'cond')
 
@@ -578,7 +578,7 @@ def _write_samples(path: Path, state, config, *, height, width, num_classes) -> 
   images, _ = generate(state, config, num_per_class=[n] * num_classes,
                        key=jax.random.PRNGKey(0), height=height, width=width,
                        num_classes=num_classes)
-  save_image_grid(path, images.reshape(num_classes, n, height, width, 3))
+  plots.save_image_grid(images.reshape(num_classes, n, height, width, 3), path)
 
 
 def train_gans(config, images: np.ndarray, labels: np.ndarray, *, num_classes: int,
