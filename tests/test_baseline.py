@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+import config_sections
 from wbc_jax import augment
 from wbc_jax import input_pipeline as ip
 from wbc_jax import models
@@ -131,7 +132,7 @@ def test_full_augmentation_stays_in_range_and_differs_per_image():
 
 
 def test_tfdata_refuses_fields_only_jax_has():
-  aug = ml_collections.ConfigDict({'scale': 0.1, 'shift': 0.0})
+  aug = config_sections.section('augment', scale=0.1)
   with pytest.raises(ValueError, match='config.augment.scale'):
     augment.check_impl('tfdata', aug)
   with pytest.raises(ValueError, match='config.augment.impl'):
@@ -226,8 +227,8 @@ def test_selection_rules():
 
 def _tiny_state(ema=False):
   model = models.get_model('cellnet', num_classes=4, conv_impl='xla')
-  tx = train.make_optimizer(ml_collections.ConfigDict(
-      {'optimizer': 'adam', 'learning_rate': 1e-3}))
+  tx = train.make_optimizer(config_sections.section('train', optimizer='adam',
+                                                    learning_rate=1e-3))
   state = train.create_train_state(jax.random.PRNGKey(0), model=model, tx=tx,
                                    image_shape=(16, 16, 3), ema=ema)
   return model, tx, state
@@ -260,7 +261,7 @@ def test_tta_is_the_mean_of_the_8_explicit_views():
 
 
 def test_loss_constants():
-  tc = ml_collections.ConfigDict({'class_weighting': False, 'logit_adjust_tau': 1.0})
+  tc = config_sections.section('train', class_weighting=False, logit_adjust_tau=1.0)
   consts = train.loss_constants(np.array([0, 0, 0, 1]), 3, tc)
   np.testing.assert_allclose(consts['logit_offset'][:2], np.log([0.75, 0.25]), rtol=1e-6)
   np.testing.assert_array_equal(consts['class_weights'], 1.0)

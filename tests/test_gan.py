@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+import config_sections
 from wbc_jax.gan import diffaug, losses, models, train
 
 H, W = 16, 16
@@ -24,7 +25,7 @@ NUM_CLASSES = 2
 
 
 def tiny_config(kind, **overrides):
-  config = train.default_gan_config(kind)
+  config = config_sections.gan(kind)
   config.unlock()
   config.update(batch_size=4, steps=2, log_every=1, sample_every=0, checkpoint_every=0,
                 samples_per_class=2)
@@ -101,7 +102,7 @@ def test_paper_parameter_counts_at_60x80():
 
 
 def test_cond_parameter_counts_at_60x80():
-  config = train.default_gan_config('cond')
+  config = config_sections.gan('cond')
   generator, discriminator = train.build_models(config, 60, 80, 4)
   z = jax.ShapeDtypeStruct((2, config.latent_dim), jnp.float32)
   y = jax.ShapeDtypeStruct((2,), jnp.int32)
@@ -516,7 +517,7 @@ def test_resize_images():
 
 @pytest.mark.parametrize('resolution', [(30, 40), (12,), (0, 8)])
 def test_bad_resolution_is_named(resolution):
-  config = train.default_gan_config('cond')
+  config = config_sections.gan('cond')
   with config.unlocked():
     config.resolution = resolution
   with pytest.raises(ValueError, match='config.gan.resolution'):
@@ -525,7 +526,7 @@ def test_bad_resolution_is_named(resolution):
 
 @pytest.mark.parametrize('resolution', [(30, 40), (12,)])
 def test_bad_per_view_resolution_is_named(resolution):
-  config = train.default_gan_config('paper')
+  config = config_sections.gan('paper')
   with config.unlocked():
     config.resolution_by_view = ml_collections.ConfigDict({'frame': (), 'crop': ()})
   config.resolution_by_view.crop = resolution
@@ -534,7 +535,7 @@ def test_bad_per_view_resolution_is_named(resolution):
 
 
 def test_resolution_for_prefers_the_views_own_then_the_common_then_the_input():
-  config = train.default_gan_config('paper')
+  config = config_sections.gan('paper')
   with config.unlocked():
     config.resolution_by_view = ml_collections.ConfigDict({'frame': (24, 32), 'crop': ()})
   assert train.resolution_for(config, 'frame', (60, 80)) == (24, 32)

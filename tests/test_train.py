@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 
+import config_sections
 from wbc_jax import ablation
 from wbc_jax import input_pipeline as ip
 from wbc_jax import rundir
@@ -237,10 +238,9 @@ def test_gan_regime_keeps_synthetic_images_out_of_evaluation(test_config, tmp_pa
 
 
 def test_epoch_steps_basis_all_counts_synthetic_images_and_real_does_not():
-  import ml_collections
   from wbc_jax import train
-  tc = ml_collections.ConfigDict({'batch_size': 32, 'max_steps_per_epoch': -1,
-                                  'steps_per_epoch_basis': 'all'})
+  tc = config_sections.section('train', batch_size=32, max_steps_per_epoch=-1,
+                               steps_per_epoch_basis='all')
   assert train.epoch_steps(tc, num_real=165, num_extra=1035) == 38  # ceil(1200 / 32)
   tc.steps_per_epoch_basis = 'real'
   assert train.epoch_steps(tc, num_real=165, num_extra=1035) == 6   # ceil(165 / 32)

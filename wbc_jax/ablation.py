@@ -74,7 +74,8 @@ def run(config, workdir: str, log: Callable = print) -> list[dict]:
   validate(config)
   os.makedirs(workdir, exist_ok=True)
   if sharding.is_primary():  # one writer; with several processes all compute the same
-    utils.write_atomic(os.path.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
+    utils.write_atomic(os.path.join(workdir, rundir.CONFIG),
+                       config.to_json_best_effort(indent=2))
   t0 = time.time()
   jobs = []
   for view in config.ablation.views:
@@ -86,7 +87,7 @@ def run(config, workdir: str, log: Callable = print) -> list[dict]:
     if config.split.max_splits > 0:
       splits = splits[:config.split.max_splits]
     if sharding.is_primary():
-      utils.write_json(os.path.join(workdir, view, 'splits.json'), {
+      utils.write_json(rundir.splits_path(workdir, view), {
           s.name: {part: examples.image_ids[getattr(s, part)].tolist()
                    for part in ('train', 'val', 'test')} for s in splits})
     for split in splits:

@@ -180,7 +180,7 @@ def window_crops(frames: np.ndarray, boxes, window_px: int) -> np.ndarray:
 
 
 def check_crop_mode(data_config) -> str:
-  mode = data_config.get('crop_mode', 'box')
+  mode = data_config.crop_mode
   if mode not in CROP_MODES:
     raise ValueError(f"config.data.crop_mode: unknown mode {mode!r}; expected one of "
                      f"{', '.join(CROP_MODES)}.")

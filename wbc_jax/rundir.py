@@ -37,6 +37,7 @@ from wbc_jax import train
 from wbc_jax import utils
 
 CONFIG = 'config.json'
+SPLITS = 'splits.json'
 RESULTS = 'results.json'
 PREDICTIONS = 'predictions.npz'
 SYNTHETIC = 'synthetic.npz'
@@ -62,6 +63,10 @@ def regime_of_dir_name(dir_name: str) -> str:
   """The regime whose directory is `dir_name`; the inverse of `regime_dir_name`."""
   known = {regime_dir_name(r): r for r in names.REGIME_NAMES}
   return known.get(dir_name, dir_name.replace('_', '+'))
+
+
+def splits_path(workdir: str, view: str) -> str:
+  return os.path.join(workdir, view, SPLITS)
 
 
 def split_dir(workdir: str, view: str, split: str) -> str:

@@ -88,7 +88,7 @@ def make_optimizer(train_config, total_steps: int = 1) -> optax.GradientTransfor
   """The optimizer of `config.train`; total_steps sets the length of a decaying schedule
   (its state's structure does not depend on it, so restoring may pass the default)."""
   name, lr = train_config.optimizer, train_config.learning_rate
-  schedule = train_config.get('schedule', 'constant')
+  schedule = train_config.schedule
   if schedule not in SCHEDULES:
     raise ValueError(f"config.train.schedule: unknown schedule {schedule!r}; expected one of "
                      f"{', '.join(SCHEDULES)}.")
@@ -96,7 +96,7 @@ def make_optimizer(train_config, total_steps: int = 1) -> optax.GradientTransfor
     warmup = min(int(train_config.warmup_steps), max(total_steps - 1, 0))
     lr = optax.warmup_cosine_decay_schedule(
         0.0, lr, warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1),
-        end_value=lr * train_config.get('final_lr_fraction', 0.0))
+        end_value=lr * train_config.final_lr_fraction)
   if name == 'adam':
     # eps=1e-7 is Keras' default, which the paper used.
     return optax.adam(lr, eps=1e-7)
@@ -142,10 +142,9 @@ class StepOptions:
   @classmethod
   def from_config(cls, config, *, augment: bool) -> 'StepOptions':
     tc, aug = config.train, config.augment
-    in_step = augment and aug.get('impl', 'tfdata') == 'jax'
+    in_step = augment and aug.impl == 'jax'
     return cls(augment=augment_lib.AugmentSpec.from_config(aug) if in_step else None,
-               label_smoothing=float(tc.get('label_smoothing', 0.0)),
-               ema_decay=float(tc.get('ema_decay', 0.0)))
+               label_smoothing=float(tc.label_smoothing), ema_decay=float(tc.ema_decay))
 
 
 def loss_constants(labels: np.ndarray, num_classes: int, train_config) -> dict[str, np.ndarray]:
@@ -157,7 +156,7 @@ def loss_constants(labels: np.ndarray, num_classes: int, train_config) -> dict[s
     via logit adjustment"), it makes the unadjusted logits estimate a class-balanced
     posterior: the minority classes are not argued down by their prior.
   """
-  tau = float(train_config.get('logit_adjust_tau', 0.0))
+  tau = float(train_config.logit_adjust_tau)
   counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
   prior = np.maximum(counts, 1) / max(counts.sum(), 1)
   return {'class_weights': class_weights_for(labels, num_classes, train_config.class_weighting),
@@ -378,12 +377,12 @@ def epoch_steps(train_config, *, num_real: int, num_extra: int) -> int:
   with synthetic images gets the same number of updates as one without ('all' gives a class
   topped up to 300 images about five times more). max_steps_per_epoch > 0 caps either.
   """
-  fixed = int(train_config.get('steps_per_epoch', -1))
+  fixed = int(train_config.steps_per_epoch)
   if fixed > 0:
     # An epoch of fixed length: the evaluation period of a schedule counted in updates.
     return fixed if train_config.max_steps_per_epoch <= 0 else min(
         fixed, train_config.max_steps_per_epoch)
-  basis = train_config.get('steps_per_epoch_basis', 'all')
+  basis = train_config.steps_per_epoch_basis
   if basis not in ('all', 'real'):
     raise ValueError(f"config.train.steps_per_epoch_basis: unknown value {basis!r}; expected "
                      "'all' or 'real'.")
@@ -426,7 +425,7 @@ def train_and_evaluate(config, workdir: str, *, examples: ip.Examples, split: ip
   """
   tc = config.train
   seeds = [config.seed + i for i in range(config.num_seeds)]
-  mesh = sharding.make_mesh(config.get('mesh'))  # configs from before the mesh: all on 'seed'
+  mesh = sharding.make_mesh(config.mesh)
   sharding.check_divisible(len(seeds), tc.batch_size, mesh)
   write = sharding.is_primary()
   os.makedirs(workdir, exist_ok=True)
@@ -436,11 +435,11 @@ def train_and_evaluate(config, workdir: str, *, examples: ip.Examples, split: ip
   image_shape = tuple(examples.images.shape[1:])
   train_x, train_y = examples.images[split.train], examples.labels[split.train]
   model = models.get_model(model_name, num_classes=num_classes, conv_impl=tc.conv_impl)
-  augment_lib.check_impl(config.augment.get('impl', 'tfdata'), config.augment)
+  augment_lib.check_impl(config.augment.impl, config.augment)
   options = StepOptions.from_config(config, augment=augment)
-  select = tc.get('select', 'val_accuracy')
+  select = tc.select
   selection_score(select, {'epoch': 0, 'val_acc': [], 'val_bacc': [], 'val_loss': []})
-  sampling = tc.get('sampling', 'uniform')
+  sampling = tc.sampling
   n_train = len(train_y) + (0 if extra is None else len(extra[1]))
   all_train_y = train_y if extra is None else np.concatenate([train_y, extra[1]])
   steps = epoch_steps(tc, num_real=len(train_y), num_extra=n_train - len(train_y))
@@ -451,7 +450,7 @@ def train_and_evaluate(config, workdir: str, *, examples: ip.Examples, split: ip
                  tuple(d.id for d in mesh.devices.flat), options, steps)
   programs_for = lambda tta: _cached_programs(program_key, lambda tta: make_programs(
       model, tx, image_shape, mesh, options=options, tta=tta), tta)
-  programs = programs_for(bool(tc.get('tta', False)))
+  programs = programs_for(bool(tc.tta))
   # This process builds the batches of the seeds its devices hold, and only those: a
   # seed's order and augmentation draws do not depend on the seeds beside it.
   local_rows = sharding.local_seed_rows(programs.seed_sharding, len(seeds))
@@ -475,7 +474,7 @@ def train_and_evaluate(config, workdir: str, *, examples: ip.Examples, split: ip
     log(f'  resumed from epoch {start_epoch} ({workdir})')
   else:
     state = programs.init(keys)
-    if tc.get('standardize', False):
+    if tc.standardize:
       # The real training images' statistics only: validation and test images never
       # shape the input; kept in the state, so a restored run standardises the same.
       mean, std = ip.channel_stats(train_x)
@@ -485,7 +484,7 @@ def train_and_evaluate(config, workdir: str, *, examples: ip.Examples, split: ip
   # Validation is needed every epoch (model selection); the train and test curves are
   # optional, and evaluating the training images costs as much as a third of an epoch.
   eval_sets = {'val': (examples.images[split.val], examples.labels[split.val])}
-  if tc.get('eval_train_every_epoch', True):
+  if tc.eval_train_every_epoch:
     eval_sets = {'train': (train_x, train_y), **eval_sets}
   if tc.log_test_every_epoch:
     eval_sets['test'] = (examples.images[split.test], examples.labels[split.test])
@@ -493,7 +492,7 @@ def train_and_evaluate(config, workdir: str, *, examples: ip.Examples, split: ip
   # The curves' predictions: with train.curve_tta False, the plain (one-view) program, 8x
   # cheaper than test-time augmentation; the final evaluation below always uses `tta`.
   curve_programs = programs
-  if tc.get('tta', False) and not tc.get('curve_tta', True):
+  if tc.tta and not tc.curve_tta:
     curve_programs = programs_for(False)
 
   tb = _tensorboard_writers(workdir, seeds) if write else []
@@ -587,7 +586,7 @@ def train_and_evaluate(config, workdir: str, *, examples: ip.Examples, split: ip
   # What test-time augmentation and the moving average each bought, measured on the same
   # trained seeds: the test predictions without one of them (no retraining needed).
   variants = {}
-  if tc.get('tta', False):
+  if tc.tta:
     variants['no_tta'] = (programs_for(False).predict, state.best_params, state.best_batch_stats)
   if options.ema_decay > 0 and select == 'last':
     variants['no_ema'] = (programs.predict, state.params, state.batch_stats)

@@ -4,6 +4,6 @@ from wbc_jax.gan.diffaug import diff_augment
 from wbc_jax.gan.losses import discriminator_loss, generator_loss, r1_penalty
 from wbc_jax.gan.models import (CondDiscriminator, CondGenerator, PaperDiscriminator,
                                 PaperGenerator)
-from wbc_jax.gan.train import (GANState, default_gan_config, gan_train_step, generate,
+from wbc_jax.gan.train import (GANState, gan_train_step, generate,
                                init_gan_state, init_gan_states, member_layout, member_state,
                                train_gans, train_gans_step)

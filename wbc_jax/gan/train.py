@@ -59,74 +59,6 @@ _RESUMABLE_FIELDS = _SCHEDULE_FIELDS + ('conv_impl',)
 # Config
 
 
-def default_gan_config(kind: str = 'paper') -> ml_collections.ConfigDict:
-  """Locked config for one GAN kind ('paper' or 'cond').
-
-  Fields:
-    kind: 'paper' (one unconditional DCGAN per class) or 'cond' (one
-      class-conditional GAN).
-    steps: optimizer steps (each one D update then one G update).
-    batch_size: real images per step (and as many generated ones).
-    lr_g, lr_d, b1, b2: Adam for the generator and the discriminator.
-    loss_type: 'bce' (non-saturating) or 'hinge'; see ``losses``.
-    diffaug_policy: DiffAugment policy, '' for none; see ``diffaug``.
-    r1_gamma: weight gamma of the R1 penalty gamma/2 E||grad D(x_real)||^2; 0 off.
-    ema_decay: decay of the generator's exponential moving average used for
-      sampling; 0 samples from the raw generator.
-    latent_dim: size of z.
-    channels: base width of the 'cond' networks (ignored by 'paper').
-    log_every, sample_every, checkpoint_every: cadences in steps; each also
-      fires on the last step (0 for sampling: never; 0 for checkpoints: only
-      at the end).
-    samples_per_class: columns of the sample grids.
-    conv_impl: 3x3 convolutions, 'auto' | 'xla' | 'matmul' | 'onednn' (wbc_jax.models.Conv3x3).
-    resolution: (height, width) the GAN trains and samples at, each divisible by 4; ()
-      (the default) is the classifier's input. Otherwise the real images are resized to it
-      and the samples back to the classifier's input (bilinear, antialiased; see
-      ``resize_images``). The paper's GAN ran at 256x256; at 60x80 one of its steps costs
-      ~480 GFLOP per class, so a smaller resolution is the way to afford it on a CPU.
-  """
-  if kind not in GAN_KINDS:
-    raise ValueError(f'Unknown GAN kind {kind!r}; expected one of {GAN_KINDS}')
-  c = ml_collections.ConfigDict()
-  c.kind = kind
-  c.batch_size = 32
-  c.log_every = 100
-  c.sample_every = 500
-  c.checkpoint_every = 500
-  c.samples_per_class = 8
-  c.conv_impl = 'auto'  # 3x3 convolutions: see wbc_jax.models.Conv3x3
-  c.resolution = ()     # () = the classifier's input size
-  if kind == 'paper':
-    c.steps = 4000
-    c.lr_g = 1e-4
-    c.lr_d = 1e-4
-    # The study gives only the learning rate; b1 = 0.5 is the DCGAN setting
-    # (Radford et al. 2016) that its Keras architecture comes from.
-    c.b1 = 0.5
-    c.b2 = 0.999
-    c.loss_type = 'bce'
-    c.diffaug_policy = ''
-    c.r1_gamma = 0.0
-    c.ema_decay = 0.0
-    c.latent_dim = 100
-    c.channels = 0
-  else:
-    c.steps = 5000
-    c.lr_g = 2e-4
-    c.lr_d = 2e-4
-    c.b1 = 0.0
-    c.b2 = 0.99
-    c.loss_type = 'hinge'
-    c.diffaug_policy = 'color,translation,cutout'
-    c.r1_gamma = 0.0
-    c.ema_decay = 0.999
-    c.latent_dim = 128
-    c.channels = 32
-  c.lock()
-  return c
-
-
 def check_gan_config(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError on a config that cannot be trained."""
   if config.kind not in GAN_KINDS:
@@ -140,8 +72,8 @@ def check_gan_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f'ema_decay must be in [0, 1), got {config.ema_decay}')
   if config.kind == 'cond' and config.channels < 1:
     raise ValueError(f"kind 'cond' needs channels >= 1, got {config.channels}")
-  _check_resolution(config.get('resolution', ()), 'config.gan.resolution')
-  for view, resolution in (config.get('resolution_by_view') or {}).items():
+  _check_resolution(config.resolution, 'config.gan.resolution')
+  for view, resolution in config.resolution_by_view.items():
     _check_resolution(resolution, f'config.gan.resolution_by_view.{view}')
 
 
@@ -157,8 +89,8 @@ def resolution_for(config: ml_collections.ConfigDict, view: str,
                    size: Sequence[int]) -> tuple[int, int]:
   """(height, width) a GAN of `view` trains at: config.resolution_by_view[view], else
   config.resolution, else `size` (the classifier's input); () means "not set"."""
-  by_view = config.get('resolution_by_view') or {}
-  chosen = tuple(by_view.get(view, ())) or tuple(config.get('resolution', ())) or tuple(size)
+  chosen = (tuple(config.resolution_by_view.get(view, ())) or tuple(config.resolution)
+            or tuple(size))
   return int(chosen[0]), int(chosen[1])
 
 
@@ -184,7 +116,7 @@ def resize_images(images: np.ndarray, size: Sequence[int], batch: int = 256) -> 
 
 def build_models(config, height: int, width: int, num_classes: int):
   """(generator, discriminator) flax modules for ``config.kind``."""
-  impl = config.get('conv_impl', 'auto')
+  impl = config.conv_impl
   if config.kind == 'paper':
     return (models.PaperGenerator(height, width, latent_dim=config.latent_dim, conv_impl=impl),
             models.PaperDiscriminator(conv_impl=impl))
