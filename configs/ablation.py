@@ -30,7 +30,7 @@ import os
 import ml_collections
 
 from wbc_jax import names
-from wbc_jax.gan import train as gan_train
+from wbc_jax.gan import models as gan_models
 
 REGIMES = names.REGIME_NAMES
 
@@ -66,8 +66,8 @@ def gan_config(kind: str = 'cond') -> ml_collections.ConfigDict:
     resolution_by_view: a view's own resolution, () = `resolution` (whose () is the
       classifier's input); e.g. --config.gan.resolution_by_view.frame='(24,32)'.
   """
-  if kind not in gan_train.GAN_KINDS:
-    raise ValueError(f'Unknown GAN kind {kind!r}; expected one of {gan_train.GAN_KINDS}')
+  if kind not in gan_models.GAN_KINDS:
+    raise ValueError(f'Unknown GAN kind {kind!r}; expected one of {gan_models.GAN_KINDS}')
   c = ml_collections.ConfigDict()
   c.kind = kind
   c.batch_size = 32

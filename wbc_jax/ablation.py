@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
@@ -33,6 +33,7 @@ from wbc_jax import rundir
 from wbc_jax import sharding
 from wbc_jax import train
 from wbc_jax import utils
+from wbc_jax.gan import sample as gan_sample
 from wbc_jax.gan import train as gan_train
 
 # How every result of the paper protocol whose test split holds synthetic images is marked.
@@ -59,6 +60,9 @@ def validate(config) -> None:
   gan_work = [r for r in config.ablation.regimes if names.regime(r).gan]
   if gan_work:
     gan_train.check_gan_config(config.gan)
+    _check_resolution(config.gan.resolution, 'config.gan.resolution')
+    for view, resolution in config.gan.resolution_by_view.items():
+      _check_resolution(resolution, f'config.gan.resolution_by_view.{view}')
   if config.synthetic.measures:
     gan_work.append('synthetic.measures')
   if gan_work and sharding.process_count() > 1:
@@ -67,6 +71,22 @@ def validate(config) -> None:
     raise ValueError(f'{", ".join(gan_work)}: GAN training runs in one process only; this run '
                      f'has {sharding.process_count()} processes. Run the GAN regimes (or the '
                      'measures) in one process, or drop them from config.ablation.regimes.')
+
+
+def _check_resolution(resolution, name: str) -> None:
+  resolution = tuple(resolution)
+  if resolution and (len(resolution) != 2 or any(int(r) != r or r < 4 or r % 4
+                                                 for r in resolution)):
+    raise ValueError(f'{name}: expected () or (height, width), each a positive multiple of '
+                     f'4, got {resolution!r}')
+
+
+def gan_resolution(gan_config, view: str, size: Sequence[int]) -> tuple[int, int]:
+  """(height, width) a GAN of `view` trains at: gan_config.resolution_by_view[view], else
+  gan_config.resolution, else `size` (the classifier's input); () means "not set"."""
+  chosen = (tuple(gan_config.resolution_by_view.get(view, ())) or tuple(gan_config.resolution)
+            or tuple(size))
+  return int(chosen[0]), int(chosen[1])
 
 
 def run(config, workdir: str, log: Callable = print) -> list[dict]:
@@ -162,22 +182,22 @@ def synthetic_images(config, workdir: str, view: str, examples: ip.Examples, spl
   num_classes = len(examples.class_names)
   real_x, real_y = examples.images[split.train], examples.labels[split.train]
   size = tuple(real_x.shape[1:3])
-  gan_size = gan_train.resolution_for(config.gan, view, size)
+  gan_size = gan_resolution(config.gan, view, size)
   at = ('' if gan_size == size else
         f' at {gan_size[0]}x{gan_size[1]} (resized from {size[0]}x{size[1]})')
   log(f'  GAN ({config.gan.kind}, {config.gan.steps} steps) on {len(real_y)} training images '
       f'of {view} {split.name}{at}')
-  gan_x = gan_train.resize_images(real_x.astype(np.float32) / 255.0, gan_size)
+  gan_x = gan_sample.resize_images(real_x.astype(np.float32) / 255.0, gan_size)
   state = gan_train.train_gans(config.gan, gan_x, real_y,
                                num_classes=num_classes, seeds=[config.synthetic.gan_seed],
                                workdir=gan_dir, log=lambda s: log('    ' + s))
   counts = np.bincount(real_y, minlength=num_classes)
   need = np.maximum(config.synthetic.target_per_class - counts, 0)
   key = jax.random.fold_in(jax.random.PRNGKey(config.synthetic.gan_seed), 0x5A4D)
-  images, labels = gan_train.generate(state, config.gan, num_per_class=need.tolist(), key=key,
+  images, labels = gan_sample.generate(state, config.gan, num_per_class=need.tolist(), key=key,
                                       height=gan_size[0], width=gan_size[1],
                                       num_classes=num_classes)
-  images = gan_train.resize_images(images, size)  # the classifier's input size
+  images = gan_sample.resize_images(images, size)  # the classifier's input size
   images = np.clip(np.round(images * 255.0), 0, 255).astype(np.uint8)
   buf_path = cache + '.tmp.npz'
   np.savez(buf_path, images=images, labels=labels)
