@@ -882,7 +882,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       'machine': machine_info(),
       'versions': versions(),
       'settings': settings,
-      'conv_impl_resolved': models._resolve_conv_impl(args.conv_impl),
+      'conv_impl_resolved': models.resolve_conv_impl(args.conv_impl),
   }
   log(f'command: {command}')
   log('machine: ' + json.dumps(result['machine']))

@@ -65,7 +65,7 @@ def build_step(args):
   sys.path.insert(0, os.path.join(ROOT, 'scripts'))
   import benchmark as bench
   from wbc_jax import models
-  models._resolve_conv_impl(args.conv_impl)
+  models.resolve_conv_impl(args.conv_impl)
   if args.model.startswith('gan:'):
     from wbc_jax.gan import train as gan_train
     kind = args.model.split(':', 1)[1]

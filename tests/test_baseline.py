@@ -16,6 +16,7 @@ import pytest
 
 import config_sections
 from wbc_jax import augment
+from wbc_jax import evaluation
 from wbc_jax import input_pipeline as ip
 from wbc_jax import models
 from wbc_jax import rundir
@@ -212,17 +213,17 @@ def test_balanced_batches_follow_the_sampler(test_config):
 def test_selection_rules():
   row = {'epoch': 7, 'val_acc': [0.5, 0.9], 'val_bacc': [0.7, 0.4], 'val_loss': [1.0, 0.2],
          'test_acc': [1.0, 0.0]}
-  np.testing.assert_allclose(train.selection_score('val_accuracy', row), [0.5, 0.9])
-  np.testing.assert_allclose(train.selection_score('val_balanced_accuracy', row), [0.7, 0.4])
-  np.testing.assert_allclose(train.selection_score('val_loss', row), [-1.0, -0.2])
-  np.testing.assert_array_equal(train.selection_score('last', row), [7, 7])
+  np.testing.assert_allclose(evaluation.selection_score('val_accuracy', row), [0.5, 0.9])
+  np.testing.assert_allclose(evaluation.selection_score('val_balanced_accuracy', row), [0.7, 0.4])
+  np.testing.assert_allclose(evaluation.selection_score('val_loss', row), [-1.0, -0.2])
+  np.testing.assert_array_equal(evaluation.selection_score('last', row), [7, 7])
   # The test metrics never enter a score.
   other = dict(row, test_acc=[0.0, 1.0])
-  for rule in train.SELECTIONS:
-    np.testing.assert_array_equal(train.selection_score(rule, row),
-                                  train.selection_score(rule, other))
+  for rule in evaluation.SELECTIONS:
+    np.testing.assert_array_equal(evaluation.selection_score(rule, row),
+                                  evaluation.selection_score(rule, other))
   with pytest.raises(ValueError, match='config.train.select'):
-    train.selection_score('test_accuracy', row)
+    evaluation.selection_score('test_accuracy', row)
 
 
 def _tiny_state(ema=False):
@@ -239,12 +240,12 @@ def test_select_best_keeps_the_first_best_and_last_keeps_the_end():
   marked = lambda s, v: s.replace(ema_params=jax.tree.map(lambda a: a * 0 + v, s.ema_params),
                                   epoch=jnp.int32(v))
   for epoch, score in ((1, 0.5), (2, 0.8), (3, 0.8), (4, 0.6)):
-    state = train.select_best(marked(state, epoch), jnp.float32(score))
+    state = evaluation.select_best(marked(state, epoch), jnp.float32(score))
   assert int(state.best_epoch) == 2
   leaf = jax.tree.leaves(state.best_params)[0]
   np.testing.assert_array_equal(leaf, 2)  # the moving average's weights, not the raw ones
   for epoch in (5, 6):
-    state = train.select_best(marked(state, epoch), jnp.float32(epoch))
+    state = evaluation.select_best(marked(state, epoch), jnp.float32(epoch))
   assert int(state.best_epoch) == 6
 
 

@@ -238,18 +238,17 @@ def test_gan_regime_keeps_synthetic_images_out_of_evaluation(test_config, tmp_pa
 
 
 def test_epoch_steps_basis_all_counts_synthetic_images_and_real_does_not():
-  from wbc_jax import train
   tc = config_sections.section('train', batch_size=32, max_steps_per_epoch=-1,
                                steps_per_epoch_basis='all')
-  assert train.epoch_steps(tc, num_real=165, num_extra=1035) == 38  # ceil(1200 / 32)
+  assert ip.epoch_steps(tc, num_real=165, num_extra=1035) == 38  # ceil(1200 / 32)
   tc.steps_per_epoch_basis = 'real'
-  assert train.epoch_steps(tc, num_real=165, num_extra=1035) == 6   # ceil(165 / 32)
-  assert train.epoch_steps(tc, num_real=165, num_extra=0) == 6
+  assert ip.epoch_steps(tc, num_real=165, num_extra=1035) == 6   # ceil(165 / 32)
+  assert ip.epoch_steps(tc, num_real=165, num_extra=0) == 6
   tc.max_steps_per_epoch = 4
-  assert train.epoch_steps(tc, num_real=165, num_extra=1035) == 4
+  assert ip.epoch_steps(tc, num_real=165, num_extra=1035) == 4
   tc.steps_per_epoch_basis = 'synthetic'
   with pytest.raises(ValueError, match='steps_per_epoch_basis'):
-    train.epoch_steps(tc, num_real=165, num_extra=0)
+    ip.epoch_steps(tc, num_real=165, num_extra=0)
 
 
 def test_gan_regimes_refuse_several_processes(test_config, monkeypatch):

@@ -14,6 +14,7 @@ import optax
 import pytest
 
 import config_sections
+from wbc_jax import evaluation
 from wbc_jax import input_pipeline as ip
 from wbc_jax import train
 
@@ -128,7 +129,7 @@ def test_select_best_keeps_each_seeds_own_best_epoch():
   state = jax.vmap(lambda k: train.create_train_state(k, model=_Linear(), tx=tx,
                                                       image_shape=(2, 2, 3)))(
       jax.random.split(jax.random.PRNGKey(0), 2))
-  select = jax.jit(jax.vmap(train.select_best))
+  select = jax.jit(jax.vmap(evaluation.select_best))
   scores = {1: [0.5, 0.9], 2: [0.7, 0.9], 3: [0.7, 0.6], 4: [0.6, 0.95]}
   for epoch, score in scores.items():
     # This epoch's parameters are marked with its number.

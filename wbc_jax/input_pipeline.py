@@ -386,6 +386,31 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
   return -(-num_examples // batch_size)
 
 
+def epoch_steps(train_config, *, num_real: int, num_extra: int) -> int:
+  """Optimizer steps per epoch of one seed.
+
+  train_config.steps_per_epoch_basis: 'all' (the paper's) makes an epoch one pass over the
+  real and synthetic training images; 'real' makes it as many steps as one pass over the real
+  images, each epoch's batches drawn from a fresh permutation of the whole pool, so a regime
+  with synthetic images gets the same number of updates as one without ('all' gives a class
+  topped up to 300 images about five times more). max_steps_per_epoch > 0 caps either.
+  """
+  fixed = int(train_config.steps_per_epoch)
+  if fixed > 0:
+    # An epoch of fixed length: the evaluation period of a schedule counted in updates.
+    return fixed if train_config.max_steps_per_epoch <= 0 else min(
+        fixed, train_config.max_steps_per_epoch)
+  basis = train_config.steps_per_epoch_basis
+  if basis not in ('all', 'real'):
+    raise ValueError(f"config.train.steps_per_epoch_basis: unknown value {basis!r}; expected "
+                     "'all' or 'real'.")
+  n = num_real + num_extra if basis == 'all' else num_real
+  steps = steps_per_epoch(n, train_config.batch_size)
+  if train_config.max_steps_per_epoch > 0:
+    steps = min(steps, train_config.max_steps_per_epoch)
+  return steps
+
+
 def train_batches(images: np.ndarray, labels: np.ndarray, *, seeds, epoch: int, batch_size: int,
                   aug, augment: bool, extra: tuple[np.ndarray, np.ndarray] | None = None,
                   max_steps: int = -1, sampling: str = 'uniform',

@@ -272,7 +272,7 @@ def classification_accuracy_score(run_config, cas_dir: str, *, examples: ip.Exam
   marks it done). Returns accuracy and balanced accuracy, per seed (mean, std) and of the
   seed ensemble, and the training budget.
   """
-  steps = train.epoch_steps(run_config.train, num_real=len(split.train), num_extra=0)
+  steps = ip.epoch_steps(run_config.train, num_real=len(split.train), num_extra=0)
   run_config = run_config.copy_and_resolve_references()
   with run_config.unlocked():
     run_config.train.max_steps_per_epoch = steps

@@ -127,6 +127,16 @@ def plot_confusion_matrix(
   _save(fig, path)
 
 
+def plot_run(workdir, history: Sequence[Mapping], results: Mapping, class_names) -> None:
+  """A classifier run's figures: WORKDIR/learning_curves.png and confusion_test.png (the seed
+  ensemble's test confusion matrix, from results.json's contents)."""
+  plot_learning_curves(history, os.path.join(workdir, 'learning_curves.png'),
+                       title=f'{results["model"]} ({results["split"]})')
+  cm = np.asarray(results['splits']['test']['ensemble']['confusion_matrix'])
+  plot_confusion_matrix(cm, list(class_names), os.path.join(workdir, 'confusion_test.png'),
+                        title=f'{results["model"]}: test, seed ensemble')
+
+
 def plot_class_histogram(split_counts: Mapping[str, Mapping[str, int]], path, *,
                          title: str) -> None:
   """Grouped bars: per class, one bar per split, with the count written on each bar.

@@ -31,6 +31,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from wbc_jax import evaluation
 from wbc_jax import models
 from wbc_jax import names
 from wbc_jax import train
@@ -219,9 +220,9 @@ class FinishedRun:
   def predict(self, images_uint8: np.ndarray) -> np.ndarray:
     """The seed ensemble's probabilities [N, C] of uint8 images [N, H, W, 3]."""
     # The standardisation stored in the state: the training images' statistics.
-    probs = train.predict_probs(self.programs.predict, self.state.best_params,
-                                self.state.best_batch_stats, images_uint8,
-                                self.config.train.eval_batch_size, self.state.input_norm)
+    probs = evaluation.predict_probs(self.programs.predict, self.state.best_params,
+                                     self.state.best_batch_stats, images_uint8,
+                                     self.config.train.eval_batch_size, self.state.input_norm)
     return probs.mean(axis=0)
 
   def seed_variables(self, index: int = 0) -> dict:

@@ -90,3 +90,22 @@ def invocation() -> str:
   if argv and argv[0].endswith(os.path.join('wbc_jax', 'main.py')):
     return shlex.join(['python', '-m', 'wbc_jax.main', *argv[1:]])
   return shlex.join(argv)
+
+
+def tensorboard_writers(workdir: str, seeds) -> list:
+  """One TensorBoard writer per seed (WORKDIR/tensorboard/seed_<s>); none without tensorboardX
+  (optional: the curves are in metrics.jsonl and the figures anyway)."""
+  try:
+    from tensorboardX import SummaryWriter
+  except ImportError:
+    return []
+  return [SummaryWriter(os.path.join(workdir, 'tensorboard', f'seed_{s}')) for s in seeds]
+
+
+def write_scalars(writers: list, row: dict) -> None:
+  """Every per-seed list in one epoch's metrics row, to that seed's writer."""
+  for i, w in enumerate(writers):
+    for key, value in row.items():
+      if isinstance(value, list):
+        w.add_scalar(key, value[i], row['epoch'])
+    w.flush()
