@@ -187,20 +187,23 @@ def check_crop_mode(data_config) -> str:
   return mode
 
 
+def image_size(data_config) -> tuple[int, int]:
+  """(height, width) of the images of `data_config.view`."""
+  check_view(data_config.view)
+  if data_config.view == 'frame':
+    return tuple(data_config.frame_size)
+  return (data_config.crop_size, data_config.crop_size)
+
+
 def make_view(raw: dict, data_config) -> Examples:
   """Resizes frames or crops WBCs; returns uint8 images of the view's size."""
-  view = data_config.view
-  check_view(view)
-  frames = raw['images']
-  if view == 'frame':
-    size = tuple(data_config.frame_size)
+  size, frames = image_size(data_config), raw['images']
+  if data_config.view == 'frame':
     out = tf.image.resize(frames, size, method='area')
   elif check_crop_mode(data_config) == 'window':
-    size = (data_config.crop_size, data_config.crop_size)
     out = tf.image.resize(window_crops(frames, raw['boxes'], data_config.window_px), size,
                           method='area')
   else:
-    size = (data_config.crop_size, data_config.crop_size)
     h, w = frames.shape[1:3]
     crops = np.stack([crop_box(b, data_config.crop_margin, (h, w)) for b in raw['boxes']])
     norm = crops / np.array([h, w, h, w])

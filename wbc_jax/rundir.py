@@ -32,6 +32,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from wbc_jax import evaluation
+from wbc_jax import input_pipeline as ip
 from wbc_jax import models
 from wbc_jax import names
 from wbc_jax import train
@@ -191,13 +192,6 @@ def find_gan_dirs(workdir: str, *, with_synthetic: bool = False) -> list[GanDir]
 # ----------------------------------------------------------------------------- restoring
 
 
-def image_shape(data_config) -> tuple[int, int, int]:
-  """[H, W, 3] of the images a run of `data_config` sees."""
-  if data_config.view == 'frame':
-    return (*data_config.frame_size, 3)
-  return (data_config.crop_size, data_config.crop_size, 3)
-
-
 @dataclasses.dataclass
 class FinishedRun:
   """A finished run, restored: its config and results, model, programs and trained state.
@@ -264,7 +258,7 @@ def restore_run(rdir: str) -> FinishedRun:
   results = utils.read_json(os.path.join(rdir, RESULTS))
   model = models.get_model(results['model'], num_classes=len(results['class_names']),
                            conv_impl=config.train.conv_impl)
-  shape = image_shape(config.data)
+  shape = (*ip.image_size(config.data), 3)
   programs = train.make_programs(
       model, train.make_optimizer(config.train), shape,
       options=train.StepOptions.from_config(config, augment=False), tta=config.train.tta)
