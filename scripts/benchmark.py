@@ -115,7 +115,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument('--out', default=DEFAULT_OUT, help='directory for benchmark.{json,md}')
   p.add_argument('--devices', type=int, default=0,
                  help='emulate this many CPU devices and split the S seeds of the classifier '
-                      'train step over them (see sharded_programs); 0: the real devices')
+                      'train step over them (see build_programs); 0: the real devices')
   args = p.parse_args(argv)
   unknown = sorted(set(args.models) - set(IMAGE_SHAPES))
   if unknown:

@@ -547,7 +547,7 @@ def test_bad_per_view_resolution_is_named(resolution):
     ablation.validate(config)
 
 
-def test_resolution_for_prefers_the_views_own_then_the_common_then_the_input():
+def test_gan_resolution_prefers_the_views_own_then_the_common_then_the_input():
   config = config_sections.gan('paper')
   config.resolution_by_view.frame = (24, 32)
   assert ablation.gan_resolution(config, 'frame', (60, 80)) == (24, 32)
