@@ -45,8 +45,8 @@ PREDICTIONS = 'predictions.npz'
 SYNTHETIC = 'synthetic.npz'
 MEASURES = 'measures.json'
 GAN_PREFIX = 'gan_'
-# Directories beside the regimes of a split that hold classifier runs of their own (a GAN's
-# CAS run, the measures' feature CNN); they are not cells of the ablation.
+# Directories beside the regimes of a split that hold classifier runs which are not cells of
+# the ablation: the measures' feature CNN here, and a GAN's CAS run (under GAN_PREFIX).
 _NOT_REGIMES = ('measures',)
 
 
