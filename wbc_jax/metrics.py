@@ -60,14 +60,13 @@ def classification_metrics(labels, probs, class_names: Sequence[str]) -> dict:
       labels, preds, labels=all_classes, zero_division=0)
   cm = skm.confusion_matrix(labels, preds, labels=all_classes)
   true_probs = probs[np.arange(labels.size), labels]
-  # Equal to skm.balanced_accuracy_score, read off the recalls above: that function warns
-  # whenever a prediction names a class absent from `labels`, which is routine on small splits.
-  balanced_accuracy = recall[support > 0].mean()
 
   return {
       'n': int(labels.size),
       'accuracy': float(skm.accuracy_score(labels, preds)),
-      'balanced_accuracy': float(balanced_accuracy),
+      # Not skm.balanced_accuracy_score: it warns whenever a prediction names a class absent
+      # from `labels`, which is routine on small splits.
+      'balanced_accuracy': balanced_accuracy(labels, preds, num_classes),
       'macro_f1': float(skm.f1_score(labels, preds, average='macro', zero_division=0)),
       'per_class': {
           name: {
