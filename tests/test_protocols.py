@@ -13,6 +13,7 @@ import pytest
 from wbc_jax import ablation
 from wbc_jax import input_pipeline as ip
 from wbc_jax import rundir
+from wbc_jax.gan import sample as gan_sample
 from wbc_jax.gan import train as gan_train
 
 
@@ -31,7 +32,7 @@ def fake_gan(monkeypatch):
     return rng.uniform(size=(len(labels), height, width, 3)).astype(np.float32), labels
 
   monkeypatch.setattr(gan_train, 'train_gans', train_gans)
-  monkeypatch.setattr(gan_train, 'generate', generate)
+  monkeypatch.setattr(gan_sample, 'generate', generate)
   return seen
 
 
