@@ -29,9 +29,83 @@ import os
 
 import ml_collections
 
-from wbc_jax.gan import train as gan_train
+from wbc_jax import names
+from wbc_jax.gan import models as gan_models
 
-REGIMES = ('original', 'original+trad', 'original+gan', 'original+gan+trad')
+REGIMES = names.REGIME_NAMES
+
+
+def gan_config(kind: str = 'cond') -> ml_collections.ConfigDict:
+  """The GAN of the '+gan' regimes (`config.gan`), every field at its default for `kind`
+  ('paper' or 'cond'); locked. The GAN library (wbc_jax.gan) reads these fields.
+
+  Fields:
+    kind: 'paper' (one unconditional DCGAN per class) or 'cond' (one
+      class-conditional GAN).
+    steps: optimizer steps (each one D update then one G update).
+    batch_size: real images per step (and as many generated ones).
+    lr_g, lr_d, b1, b2: Adam for the generator and the discriminator.
+    loss_type: 'bce' (non-saturating) or 'hinge'; see ``losses``.
+    diffaug_policy: DiffAugment policy, '' for none; see ``diffaug``.
+    r1_gamma: weight gamma of the R1 penalty gamma/2 E||grad D(x_real)||^2; 0 off.
+    ema_decay: decay of the generator's exponential moving average used for
+      sampling; 0 samples from the raw generator.
+    latent_dim: size of z.
+    channels: base width of the 'cond' networks (ignored by 'paper').
+    log_every, sample_every, checkpoint_every: cadences in steps; each also
+      fires on the last step (0 for sampling: never; 0 for checkpoints: only
+      at the end).
+    samples_per_class: columns of the sample grids.
+    conv_impl: 3x3 convolutions, 'auto' | 'xla' | 'matmul' | 'onednn' (wbc_jax.models.Conv3x3).
+    resolution: (height, width) the GAN trains and samples at, each divisible by 4; ()
+      (the default) is the classifier's input. Otherwise the real images are resized to it
+      and the samples back to the classifier's input (bilinear, antialiased; see
+      ``wbc_jax.gan.sample.resize_images``). The paper's GAN ran at 256x256; at 60x80 one of
+      its steps costs ~480 GFLOP per class, so a smaller resolution is the way to afford it
+      on a CPU.
+    resolution_by_view: a view's own resolution, () = `resolution` (whose () is the
+      classifier's input); e.g. --config.gan.resolution_by_view.frame='(24,32)'.
+  """
+  if kind not in gan_models.GAN_KINDS:
+    raise ValueError(f'Unknown GAN kind {kind!r}; expected one of {gan_models.GAN_KINDS}')
+  c = ml_collections.ConfigDict()
+  c.kind = kind
+  c.batch_size = 32
+  c.log_every = 100
+  c.sample_every = 500
+  c.checkpoint_every = 500
+  c.samples_per_class = 8
+  c.conv_impl = 'auto'  # 3x3 convolutions: see wbc_jax.models.Conv3x3
+  c.resolution = ()     # () = the classifier's input size
+  if kind == 'paper':
+    c.steps = 4000
+    c.lr_g = 1e-4
+    c.lr_d = 1e-4
+    # The study gives only the learning rate; b1 = 0.5 is the DCGAN setting
+    # (Radford et al. 2016) that its Keras architecture comes from.
+    c.b1 = 0.5
+    c.b2 = 0.999
+    c.loss_type = 'bce'
+    c.diffaug_policy = ''
+    c.r1_gamma = 0.0
+    c.ema_decay = 0.0
+    c.latent_dim = 100
+    c.channels = 0
+  else:
+    c.steps = 5000
+    c.lr_g = 2e-4
+    c.lr_d = 2e-4
+    c.b1 = 0.0
+    c.b2 = 0.99
+    c.loss_type = 'hinge'
+    c.diffaug_policy = 'color,translation,cutout'
+    c.r1_gamma = 0.0
+    c.ema_decay = 0.999
+    c.latent_dim = 128
+    c.channels = 32
+  c.resolution_by_view = ml_collections.ConfigDict({'frame': (), 'crop': ()})
+  c.lock()
+  return c
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -101,6 +175,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.warmup_steps = 0
   c.train.final_lr_fraction = 0.0  # the cosine's end, as a fraction of the peak
   c.train.steps_per_epoch = -1  # > 0: fixed-length epochs (evaluation periods) of this many steps
+  c.train.max_steps_per_epoch = -1  # > 0: truncate epochs (tests only); -1: whole epochs
   c.train.sampling = 'uniform'  # 'uniform' | 'balanced' (each class equally often) | 'sqrt'
   c.train.label_smoothing = 0.0
   c.train.logit_adjust_tau = 0.0  # > 0: logit-adjusted loss (Menon et al., 2021)
@@ -132,16 +207,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # The GAN of the '+gan' regimes, trained inside each training split only (never on
   # validation or test images), then sampled to top every class up to the target.
-  c.gan = gan_train.default_gan_config(gan_kind)
-  with c.gan.unlocked():
-    # A view's own GAN resolution, () = gan.resolution (whose () is the classifier's input).
-    # e.g. --config.gan.resolution_by_view.frame='(24,32)'.
-    c.gan.resolution_by_view = ml_collections.ConfigDict({'frame': (), 'crop': ()})
+  c.gan = gan_config(gan_kind)
   c.synthetic = ml_collections.ConfigDict()
   c.synthetic.target_per_class = 300  # the paper's
   c.synthetic.gan_seed = 0            # one GAN per split, shared by the classifier seeds
   # After the runs, measure each split's synthetic images (KID, FID, CAS, memorisation;
-  # wbc_jax.gan.measures) in the feature space of that split's 'original' CNN.
+  # wbc_jax.measures) in the feature space of that split's 'original' CNN.
   c.synthetic.measures = False
 
   # The WBC localiser (wbc_jax.localise): a small CenterNet-style network on the frame
@@ -173,16 +244,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.eval_train_every_epoch = False
     c.ablation.views = ('frame', 'crop')
     c.synthetic.measures = True
-    with c.gan.unlocked():
-      c.gan.steps = 300
-      c.gan.log_every = 50
-      c.gan.sample_every = 100
-      c.gan.checkpoint_every = 100
-      # The paper's GAN at the 60x80 frame costs ~480 GFLOP per class and step (about
-      # 40 s for the four classes on 2 cores, 300 steps over 3 h); at 24x32, the frame's
-      # aspect with 6.25x fewer pixels, a sitting affords it. The conditional GAN trains
-      # at the same 24x32, so the two GANs are compared at one resolution. Crops keep 32x32.
-      c.gan.resolution_by_view.frame = (24, 32)
+    c.gan.steps = 300
+    c.gan.log_every = 50
+    c.gan.sample_every = 100
+    c.gan.checkpoint_every = 100
+    # The paper's GAN at the 60x80 frame costs ~480 GFLOP per class and step (about
+    # 40 s for the four classes on 2 cores, 300 steps over 3 h); at 24x32, the frame's
+    # aspect with 6.25x fewer pixels, a sitting affords it. The conditional GAN trains
+    # at the same 24x32, so the two GANs are compared at one resolution. Crops keep 32x32.
+    c.gan.resolution_by_view.frame = (24, 32)
   elif variant in ('study', 'study_frame'):
     # The recorded study on a 2-core CPU. Every regime gets the same number of updates
     # ('real' basis); per-epoch curves only on validation; the synthetic images of every
@@ -194,10 +264,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.log_test_every_epoch = False
     c.ablation.regimes = REGIMES
     c.synthetic.measures = True
-    with c.gan.unlocked():
-      c.gan.log_every = 50
-      c.gan.sample_every = 100
-      c.gan.checkpoint_every = 100
+    c.gan.log_every = 50
+    c.gan.sample_every = 100
+    c.gan.checkpoint_every = 100
     if variant == 'study':
       c.num_seeds = 2
       c.train.epochs = 25
@@ -223,19 +292,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # are tested separately.
     c.data.frame_size = (24, 32)
     c.data.crop_size = 24
-    with c.gan.unlocked():
-      c.gan.steps = 2
-      c.gan.batch_size = 4
-      c.gan.log_every = 1
-      c.gan.sample_every = 2
-      c.gan.checkpoint_every = 2
-      c.gan.channels = 8 if gan_kind == 'cond' else 0
+    c.gan.steps = 2
+    c.gan.batch_size = 4
+    c.gan.log_every = 1
+    c.gan.sample_every = 2
+    c.gan.checkpoint_every = 2
+    c.gan.channels = 8 if gan_kind == 'cond' else 0
     c.synthetic.target_per_class = 40
     c.localiser.input_hw = (48, 64)
     c.localiser.width = 8
     c.localiser.steps = 3
     c.localiser.batch_size = 4
-  if 'max_steps_per_epoch' not in c.train:
-    c.train.max_steps_per_epoch = -1  # truncate epochs (tests only); -1: whole epochs
   c.lock()
   return c

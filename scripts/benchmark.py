@@ -16,18 +16,19 @@ In one process it measures, in this order:
    compiled programs' memory (arguments + outputs + temporaries, from
    `compiled.memory_analysis()`). A program that would need more host memory than is available
    is not run; its row says so;
-3. GAN steps (`wbc_jax.gan.train.gan_train_step`, both kinds, vmapped over S), if that module
-   exposes the functions it needs; otherwise the section is skipped with the reason;
-4. a peer, Keras 3 on TensorFlow, which is not part of wbc_jax: the paper's CNN and CNN-RNN
-   (and its DCGAN step) written in Keras with the same layers (`wbc_jax.keras_twins`),
-   trained with what `model.fit` runs by default, timed alternately with wbc_jax at S = 1
-   (A B A B ...) so that a changing machine load hits both sides alike.
+3. GAN steps (`wbc_jax.gan.train.gan_train_step`, both kinds, vmapped over S);
+4. a peer, Keras 3 on TensorFlow, which is not part of wbc_jax (scripts/benchmark_keras.py):
+   the paper's CNN and CNN-RNN (and its DCGAN step) written in Keras with the same layers
+   (`wbc_jax.keras_twins`), trained with what `model.fit` runs by default, timed alternately
+   with wbc_jax at S = 1 (A B A B ...) so that a changing machine load hits both sides alike.
 
 Images/s counts every image a step processes: S * batch for the train step (each seed trains
 on its own batch) and S * batch predictions for predict (all seeds predict the same batch).
 
-Results go to `<out>/benchmark.json` and `<out>/benchmark.md`, with the machine, the date,
-the versions, the thread settings and the exact command line.
+Results go to `<out>/benchmark.json` and `<out>/benchmark.md` (scripts/benchmark_markdown.py),
+with the machine, the date, the versions, the thread settings and the exact command line. The
+measuring tools (timing, FLOPs and memory of compiled programs) are
+scripts/benchmark_tools.py.
 """
 
 from __future__ import annotations
@@ -36,17 +37,12 @@ import argparse
 import datetime
 import functools
 import gc
-import importlib.metadata
 import json
 import math
 import os
-import platform
-import resource
 import shlex
-import statistics
 import sys
-import time
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -54,39 +50,32 @@ import jax.numpy as jnp
 # Compile times are measured here: a persistent compilation cache (the test suite sets one
 # through JAX_COMPILATION_CACHE_DIR) would time a disk read instead of XLA.
 jax.config.update('jax_enable_compilation_cache', False)
-import ml_collections
-import numpy as np
 
 # Read when TensorFlow and Keras are first imported, which happens later (wbc_jax imports
 # TensorFlow for its input pipeline; nothing above does).
 os.environ['KERAS_BACKEND'] = 'tensorflow'
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
+import benchmark_keras as peer_lib  # noqa: E402
+import benchmark_markdown  # noqa: E402
+from benchmark_tools import (NUM_CLASSES, TrainRunner, compile_program, elapsed,  # noqa: E402
+                             flops_text, log, machine_info, make_batch, maxrss_mb, mb,
+                             measure_matmul_peak, median_time, memory_shortfall,
+                             program_stats, rate_fields, thread_settings, timed, versions)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(ROOT, 'experiments', 'benchmarks')
 
-NUM_CLASSES = 4
 # The frame view (the paper's input) for the paper's models and the GANs; the crop view for
 # the residual net.
 IMAGE_SHAPES = {'cnn': (60, 80, 3), 'cnn_rnn': (60, 80, 3), 'resnet': (64, 64, 3),
                 'cellnet': (64, 64, 3)}
 GAN_IMAGE_SHAPE = (60, 80, 3)
 GAN_KINDS = ('paper', 'cond')
-PEER_MODELS = ('cnn', 'cnn_rnn')
-PEER_LABEL = 'peer: Keras on TensorFlow, not part of wbc_jax'
-# The paper-era Keras count of the CNN-RNN: its cuDNN LSTMs keep a second bias per gate.
-PAPER_KERAS_CNN_RNN_PARAMS = 8_926_788
-
-_T0 = time.perf_counter()
-
-
-def log(message: str) -> None:
-  """One line of progress, stamped with the seconds since the start."""
-  print(f'[{time.perf_counter() - _T0:7.1f}s] {message}', flush=True)
 
 
 # ------------------------------------------------------------------------------------------
-# Command line, machine, settings
+# Command line
 # ------------------------------------------------------------------------------------------
 
 
@@ -126,7 +115,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument('--out', default=DEFAULT_OUT, help='directory for benchmark.{json,md}')
   p.add_argument('--devices', type=int, default=0,
                  help='emulate this many CPU devices and split the S seeds of the classifier '
-                      'train step over them (see sharded_programs); 0: the real devices')
+                      'train step over them (see build_programs); 0: the real devices')
   args = p.parse_args(argv)
   unknown = sorted(set(args.models) - set(IMAGE_SHAPES))
   if unknown:
@@ -141,221 +130,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   return args
 
 
-def machine_info() -> dict[str, Any]:
-  cpu_model = platform.processor() or platform.machine()
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          cpu_model = line.split(':', 1)[1].strip()
-          break
-  except OSError:
-    pass
-  device = jax.devices()[0]
-  return {
-      'cpu_model': cpu_model,
-      'cpu_count': os.cpu_count(),
-      'usable_cores': len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity')
-                      else os.cpu_count(),
-      'memory_gb': round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30, 1),
-      'platform': platform.platform(),
-      'jax_backend': jax.default_backend(),
-      'jax_device_kind': device.device_kind,
-      'jax_device_count': jax.device_count(),
-      'load_average_at_start': list(os.getloadavg()),
-  }
-
-
-def versions() -> dict[str, str]:
-  out = {'python': platform.python_version()}
-  for dist in ('jax', 'jaxlib', 'flax', 'optax', 'numpy', 'tensorflow-cpu', 'tensorflow',
-               'keras', 'wbc_jax'):
-    try:
-      out[dist] = importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-      pass
-  return out
-
-
-def thread_settings() -> dict[str, Any]:
-  """Sizes TensorFlow's thread pools like XLA's and returns what each side uses.
-
-  XLA:CPU runs each program on one intra-op pool with a thread per usable core, and runs
-  independent operations of a program concurrently on it. TensorFlow's intra-op pool is set to
-  the same size, and its inter-op pool (independent operations) too, which are also
-  TensorFlow's defaults; the settings only make them explicit. Both runtimes live in this
-  process and share the same cores; they never run at the same time.
-  """
-  import tensorflow as tf  # already imported by wbc_jax's input pipeline
-
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-  applied = True
-  try:
-    tf.config.threading.set_intra_op_parallelism_threads(cores)
-    tf.config.threading.set_inter_op_parallelism_threads(cores)
-  except RuntimeError:  # TensorFlow's runtime was started before this call
-    applied = False
-  return {
-      'cores': cores,
-      'xla_intra_op_threads': cores,
-      'XLA_FLAGS': os.environ.get('XLA_FLAGS', ''),
-      'tf_intra_op_threads': tf.config.threading.get_intra_op_parallelism_threads(),
-      'tf_inter_op_threads': tf.config.threading.get_inter_op_parallelism_threads(),
-      'tf_thread_settings_applied': applied,
-      'TF_ENABLE_ONEDNN_OPTS': os.environ.get('TF_ENABLE_ONEDNN_OPTS', '(unset: on)'),
-      'KERAS_BACKEND': os.environ['KERAS_BACKEND'],
-      'note': 'TensorFlow and JAX share these cores in one process; TF thread pools are '
-              'sized like XLA:CPU\'s (one thread per usable core); they never run at once.',
-  }
-
-
-# ------------------------------------------------------------------------------------------
-# Timing and compiled-program statistics
-# ------------------------------------------------------------------------------------------
-
-
-def timed(fn: Callable[[], Any]) -> float:
-  """Seconds of one call of `fn`, which must block until its results are ready."""
-  start = time.perf_counter()
-  fn()
-  return time.perf_counter() - start
-
-
-def median_time(fn: Callable[[], Any], reps: int) -> tuple[float, list[float]]:
-  times = [timed(fn) for _ in range(reps)]
-  return statistics.median(times), times
-
-
-def compile_program(jitted, *args) -> tuple[float, Any]:
-  """(seconds to trace, lower and compile `jitted` for `args`, the compiled program).
-
-  JAX caches the compiled program, so the first call of `jitted` afterwards only runs it.
-  """
-  start = time.perf_counter()
-  compiled = jitted.lower(*args).compile()
-  return time.perf_counter() - start, compiled
-
-
-def program_stats(compiled) -> dict[str, Any]:
-  """FLOPs and memory of a compiled program, from XLA.
-
-  XLA counts the body of a loop once, whatever its trip count: for the CNN-RNN's LSTMs the
-  FLOPs are a lower bound (the convolutions and dense layers dominate them). Custom calls
-  (conv_impl 'onednn') are not counted at all: `bench_classifier` counts those programs'
-  FLOPs on their matmul twin.
-  """
-  flops = None
-  try:
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):
-      cost = cost[0] if cost else None
-    if cost and cost.get('flops', -1) > 0:
-      flops = float(cost['flops'])
-  except Exception as e:  # noqa: BLE001  some backends do not implement it
-    log(f'  cost analysis unavailable: {e}')
-  memory = None
-  try:
-    m = compiled.memory_analysis()
-    if m is not None:
-      memory = {k: int(getattr(m, f'{k}_size_in_bytes')) for k in
-                ('argument', 'output', 'alias', 'temp', 'generated_code')}
-      # Donated inputs alias outputs: count that memory once.
-      memory['total'] = memory['argument'] + memory['output'] - memory['alias'] + memory['temp']
-  except Exception as e:  # noqa: BLE001
-    log(f'  memory analysis unavailable: {e}')
-  return {'flops': flops, 'memory_bytes': memory}
-
-
-def available_memory_bytes() -> int | None:
-  try:
-    with open('/proc/meminfo') as f:
-      for line in f:
-        if line.startswith('MemAvailable:'):
-          return int(line.split()[1]) * 1024
-  except OSError:
-    pass
-  return None
-
-
-def memory_shortfall(stats: dict[str, Any], headroom: float = 0.9) -> str | None:
-  """Why running a compiled program could exhaust host memory, or None if it fits.
-
-  Its arguments are already allocated; it needs its temporaries and its new outputs on top.
-  On a host backend that memory is the machine's, shared with everything else running.
-  """
-  memory, available = stats['memory_bytes'], available_memory_bytes()
-  if jax.default_backend() != 'cpu' or memory is None or available is None:
-    return None
-  needed = memory['temp'] + memory['output'] - memory['alias']
-  if needed <= headroom * available:
-    return None
-  return (f'needs {needed / 2**30:.1f} GiB more host memory, {available / 2**30:.1f} GiB '
-          'available')
-
-
-def maxrss_mb() -> float:
-  """Peak resident memory of this process so far (Linux reports KiB)."""
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def rate_fields(prefix: str, seconds: float, images: int, flops: float | None,
-                peak_gflops: float) -> dict[str, Any]:
-  gflops = flops / seconds / 1e9 if flops else None
-  return {
-      f'{prefix}_ms': seconds * 1e3,
-      f'{prefix}_images_per_s': images / seconds,
-      f'{prefix}_gflop_per_step': flops / 1e9 if flops else None,
-      f'{prefix}_gflop_per_s': gflops,
-      f'{prefix}_fraction_of_peak': gflops / peak_gflops if gflops else None,
-  }
-
-
-def measure_matmul_peak(n: int, reps: int) -> dict[str, Any]:
-  """Median GFLOP/s of a jitted float32 [n, n] @ [n, n]."""
-  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-  b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
-  matmul = jax.jit(jnp.matmul)
-  matmul(a, b).block_until_ready()
-  seconds, times = median_time(lambda: matmul(a, b).block_until_ready(), max(reps, 3))
-  flops = 2.0 * n**3
-  return {'n': n, 'dtype': 'float32', 'ms': seconds * 1e3, 'gflop_per_s': flops / seconds / 1e9,
-          'reps': len(times)}
-
-
 # ------------------------------------------------------------------------------------------
 # wbc_jax classifiers
 # ------------------------------------------------------------------------------------------
 
 
-def make_batch(seeds: int, batch: int, image_shape, seed: int = 0) -> dict[str, np.ndarray]:
-  """Random images in [0, 1] and labels: {'image': [S, B, H, W, 3], 'label': [S, B]}."""
-  rng = np.random.default_rng(seed)
-  return {'image': rng.random((seeds, batch, *image_shape), dtype=np.float32),
-          'label': rng.integers(0, NUM_CLASSES, (seeds, batch)).astype(np.int32)}
-
-
-class TrainRunner:
-  """Runs a donated train step in place: `state` always holds the newest state."""
-
-  def __init__(self, step, state, batch, class_weights):
-    self.step, self.state = step, state
-    self.batch, self.class_weights = batch, class_weights
-
-  def __call__(self, steps: int = 1) -> None:
-    if steps < 1:
-      return
-    for _ in range(steps):
-      self.state, metrics = self.step(self.state, self.batch, self.class_weights)
-    jax.block_until_ready((self.state, metrics))
-
-
-def build_programs(name: str, conv_impl: str):
-  from wbc_jax import models, train
-
-  model = models.get_model(name, num_classes=NUM_CLASSES, conv_impl=conv_impl)
-  tx = train.make_optimizer(ml_collections.ConfigDict(
-      {'optimizer': 'adam', 'learning_rate': 1e-3, 'weight_decay': 0.0}))
-  return train.make_programs(model, tx, IMAGE_SHAPES[name], options=step_options(name))
+def train_config():
+  """configs/ablation.py's config.train: Adam at 1e-3, the paper's (the optimizer's state is
+  what a train step updates)."""
+  sys.path.insert(0, ROOT)
+  from configs import ablation
+  return ablation.get_config().train
 
 
 def step_options(name: str):
@@ -370,6 +155,19 @@ def step_options(name: str):
   return train.StepOptions.from_config(baseline.get_config('quick'), augment=True)
 
 
+def build_programs(name: str, conv_impl: str, seeds: int = 1):
+  """wbc_jax's seed-vmapped programs of `name`. With several devices (--devices) the S seeds
+  are split over them along the mesh's seed axis, on the largest number of devices that
+  divides S (S = 4 on 4 devices: one seed per device; S = 1: one device), as
+  `wbc_jax.sharding.check_divisible` requires."""
+  from wbc_jax import models, sharding, train
+
+  devices = jax.devices()[:math.gcd(seeds, jax.device_count())]
+  model = models.get_model(name, num_classes=NUM_CLASSES, conv_impl=conv_impl)
+  return train.make_programs(model, train.make_optimizer(train_config()), IMAGE_SHAPES[name],
+                             sharding.make_mesh(None, devices), options=step_options(name))
+
+
 def emulate_cpu_devices(n: int) -> None:
   """Makes the CPU backend show `n` devices; before anything has started it.
 
@@ -380,21 +178,6 @@ def emulate_cpu_devices(n: int) -> None:
   if jax.device_count() != n:
     raise SystemExit(f'--devices={n}: the backend shows {jax.device_count()} devices '
                      '(it was started before the flag could apply, or is not the CPU)')
-
-
-def sharded_programs(name: str, conv_impl: str, seeds: int):
-  """`build_programs` with the S seeds split over the devices along the mesh's seed axis.
-
-  The mesh takes the largest number of devices that divides S (S = 4 on 4 devices: one
-  seed per device; S = 1: one device), as `wbc_jax.sharding.check_divisible` requires.
-  """
-  from wbc_jax import models, sharding, train
-
-  devices = jax.devices()[:math.gcd(seeds, jax.device_count())]
-  model = models.get_model(name, num_classes=NUM_CLASSES, conv_impl=conv_impl)
-  tx = train.make_optimizer(ml_collections.ConfigDict(
-      {'optimizer': 'adam', 'learning_rate': 1e-3, 'weight_decay': 0.0}))
-  return train.make_programs(model, tx, IMAGE_SHAPES[name], sharding.make_mesh(None, devices))
 
 
 def count_all_devices(row: dict[str, Any], mesh) -> None:
@@ -446,7 +229,7 @@ def bench_classifier(name: str, programs, seeds: int, args, peak: float,
                                             runner.class_weights)
   train_stats = program_stats(compiled)
   log(f'{tag}  train step compile (trace + lower + compile): {compile_train:.2f} s, '
-      f'program memory {_mb((train_stats["memory_bytes"] or {}).get("total"))} MB')
+      f'program memory {mb((train_stats["memory_bytes"] or {}).get("total"))} MB')
   shortfall = memory_shortfall(train_stats)
   if shortfall:
     log(f'{tag}  skipped: {shortfall}')
@@ -474,14 +257,14 @@ def bench_classifier(name: str, programs, seeds: int, args, peak: float,
   images = seeds * args.batch
   row.update(rate_fields('train', train_s, images, train_stats['flops'], peak))
   log(f'{tag}  train   {train_s * 1e3:9.1f} ms/step  '
-      f'{row["train_images_per_s"]:8.1f} img/s  ' + _flops_text(row, 'train'))
+      f'{row["train_images_per_s"]:8.1f} img/s  ' + flops_text(row, 'train'))
 
   for _ in range(args.warmup):
     predict()
   predict_s, predict_times = median_time(predict, args.reps)
   row.update(rate_fields('predict', predict_s, images, predict_stats['flops'], peak))
   log(f'{tag}  predict {predict_s * 1e3:9.1f} ms/step  '
-      f'{row["predict_images_per_s"]:8.1f} img/s  ' + _flops_text(row, 'predict'))
+      f'{row["predict_images_per_s"]:8.1f} img/s  ' + flops_text(row, 'predict'))
 
   row.update(train_times_ms=[t * 1e3 for t in train_times],
              predict_times_ms=[t * 1e3 for t in predict_times],
@@ -492,64 +275,28 @@ def bench_classifier(name: str, programs, seeds: int, args, peak: float,
   return row
 
 
-def _flops_text(row: dict, prefix: str) -> str:
-  if row[f'{prefix}_gflop_per_s'] is None:
-    return '(no FLOP count)'
-  return (f'{row[f"{prefix}_gflop_per_step"]:8.2f} GFLOP/step  '
-          f'{row[f"{prefix}_gflop_per_s"]:7.1f} GFLOP/s  '
-          f'{100 * row[f"{prefix}_fraction_of_peak"]:5.1f}% of peak')
-
-
-def _mb(nbytes: int | None) -> str:
-  return 'n/a' if nbytes is None else f'{nbytes / 2**20:.0f}'
-
-
 # ------------------------------------------------------------------------------------------
 # wbc_jax GANs
 # ------------------------------------------------------------------------------------------
 
 
-def gan_api() -> tuple[Any, str | None]:
-  """wbc_jax.gan.train if it has what the GAN benchmark calls, else (None, the reason)."""
-  try:
-    from wbc_jax.gan import train as gan_train
-  except Exception as e:  # noqa: BLE001  any import failure means "not available"
-    return None, f'wbc_jax.gan.train cannot be imported ({type(e).__name__}: {e})'
-  missing = [f for f in ('default_gan_config', 'init_gan_state', 'gan_train_step')
-             if not hasattr(gan_train, f)]
-  if missing:
-    return None, f'wbc_jax.gan.train does not define {", ".join(missing)}'
-  return gan_train, None
-
-
-def gan_config(gan_train, kind: str, batch: int, conv_impl: str = 'auto'):
-  config = gan_train.default_gan_config(kind)
+def gan_config(kind: str, batch: int, conv_impl: str = 'auto'):
+  """configs/ablation.py's GAN config of `kind`, at this batch size and conv_impl."""
+  sys.path.insert(0, ROOT)
+  from configs import ablation
+  config = ablation.gan_config(kind)
   config.batch_size = batch
-  if 'conv_impl' in config:
-    config.conv_impl = conv_impl
+  config.conv_impl = conv_impl
   return config
 
 
-def make_gan_step(gan_train, config):
-  """jit(vmap(gan_train_step)) over a leading member axis, state donated."""
-  import inspect
-
-  kwargs = {'config': config}
-  if 'num_classes' in inspect.signature(gan_train.gan_train_step).parameters:
-    kwargs['num_classes'] = NUM_CLASSES
-  return jax.jit(jax.vmap(functools.partial(gan_train.gan_train_step, **kwargs)),
-                 donate_argnums=0)
-
-
-def init_gan(gan_train, config, seeds: int):
+def init_gan(config, seeds: int):
+  """S fresh GANs of `config`, stacked, by the training runs' own init."""
+  from wbc_jax.gan import train as gan_train
   height, width, _ = GAN_IMAGE_SHAPE
   keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(seeds, dtype=jnp.uint32))
-  if hasattr(gan_train, 'init_gan_states'):  # one compiled single-GAN init per member
-    return gan_train.init_gan_states(keys, config, height=height, width=width,
-                                     num_classes=NUM_CLASSES)
-  init = functools.partial(gan_train.init_gan_state, config, height=height, width=width,
-                           num_classes=NUM_CLASSES)
-  return jax.jit(jax.vmap(init))(keys)
+  return gan_train.init_gan_states(keys, config, height=height, width=width,
+                                   num_classes=NUM_CLASSES)
 
 
 def gan_params(state) -> int:
@@ -558,15 +305,19 @@ def gan_params(state) -> int:
 
 
 @functools.cache
-def gan_program(gan_train, kind: str, batch: int, conv_impl: str = 'auto'):
-  """(config, jitted step) of one GAN kind, made once so that its compilations are reused."""
-  config = gan_config(gan_train, kind, batch, conv_impl)
-  return config, make_gan_step(gan_train, config)
+def gan_program(kind: str, batch: int, conv_impl: str = 'auto'):
+  """(config, jitted step) of one GAN kind, made once so that its compilations are reused:
+  `gan_train_step` (one D then one G step, on a given real batch) vmapped over a leading
+  member axis, the state donated."""
+  from wbc_jax.gan import train as gan_train
+  config = gan_config(kind, batch, conv_impl)
+  step = functools.partial(gan_train.gan_train_step, config=config, num_classes=NUM_CLASSES)
+  return config, jax.jit(jax.vmap(step), donate_argnums=0)
 
 
-def bench_gan(gan_train, kind: str, seeds: int, args, peak: float) -> dict[str, Any]:
-  config, step = gan_program(gan_train, kind, args.batch, args.conv_impl)
-  state = init_gan(gan_train, config, seeds)
+def bench_gan(kind: str, seeds: int, args, peak: float) -> dict[str, Any]:
+  config, step = gan_program(kind, args.batch, args.conv_impl)
+  state = init_gan(config, seeds)
   data = make_batch(seeds, args.batch, GAN_IMAGE_SHAPE, seed=1)
   real = jax.device_put(data['image'] * 2.0 - 1.0)  # the GANs work in [-1, 1]
   labels = jax.device_put(data['label'])
@@ -579,7 +330,7 @@ def bench_gan(gan_train, kind: str, seeds: int, args, peak: float) -> dict[str, 
   compile_s, compiled = compile_program(step, runner.state, real, labels)
   stats = program_stats(compiled)
   log(f'{tag}  step compile (trace + lower + compile): {compile_s:.2f} s, program memory '
-      f'{_mb((stats["memory_bytes"] or {}).get("total"))} MB')
+      f'{mb((stats["memory_bytes"] or {}).get("total"))} MB')
   shortfall = memory_shortfall(stats)
   if shortfall:
     log(f'{tag}  skipped: {shortfall}')
@@ -593,272 +344,8 @@ def bench_gan(gan_train, kind: str, seeds: int, args, peak: float) -> dict[str, 
   row.update(step_times_ms=[t * 1e3 for t in times], memory_bytes=stats['memory_bytes'],
              process_maxrss_mb=maxrss_mb())
   log(f'{tag}  step {seconds * 1e3:9.1f} ms/step  '
-      f'{row["step_images_per_s"]:8.1f} real img/s  ' + _flops_text(row, 'step'))
+      f'{row["step_images_per_s"]:8.1f} real img/s  ' + flops_text(row, 'step'))
   return row
-
-
-# ------------------------------------------------------------------------------------------
-# Peer: Keras on TensorFlow (not part of wbc_jax)
-# ------------------------------------------------------------------------------------------
-# The Keras models are wbc_jax.keras_twins, which tests/test_keras_equivalence.py checks
-# against the Flax models with the same weights.
-
-
-def alternate(jax_steps: Callable[[int], None], keras_steps: Callable[[int], None],
-              steps: int, reps: int) -> tuple[list[float], list[float]]:
-  """Seconds per step of each side, timed A B A B ... with `steps` steps per turn."""
-  jax_times, keras_times = [], []
-  for _ in range(reps):
-    jax_times.append(timed(lambda: jax_steps(steps)) / steps)
-    keras_times.append(timed(lambda: keras_steps(steps)) / steps)
-  return jax_times, keras_times
-
-
-def _pair_summary(prefix: str, batch: int, jax_times, keras_times) -> dict[str, Any]:
-  ratios = [k / j for j, k in zip(jax_times, keras_times)]
-  return {
-      f'{prefix}_wbc_jax_images_per_s': batch / statistics.median(jax_times),
-      f'{prefix}_keras_images_per_s': batch / statistics.median(keras_times),
-      f'{prefix}_ratio_median': statistics.median(ratios),
-      f'{prefix}_ratios': ratios,
-      f'{prefix}_wbc_jax_ms': [t * 1e3 for t in jax_times],
-      f'{prefix}_keras_ms': [t * 1e3 for t in keras_times],
-  }
-
-
-def bench_keras_classifier(name: str, programs, args) -> dict[str, Any]:
-  import keras
-  from wbc_jax import keras_twins
-  from wbc_jax import models
-
-  keras.utils.set_random_seed(0)
-  image_shape = IMAGE_SHAPES[name]
-  runner, predict_args = prepare_classifier(programs, 1, args.batch, image_shape)
-  wbc_params = models.count_params(runner.state.params)
-  model = keras_twins.classifier(name, image_shape, NUM_CLASSES)
-  keras_twins.compile_classifier(model)
-  keras_params = model.count_params()
-  x = np.asarray(runner.batch['image'][0])
-  y = np.asarray(runner.batch['label'][0])
-  log(f'peer {name:8s} params: Keras {keras_params:,}, wbc_jax {wbc_params:,} '
-      f'(difference {keras_params - wbc_params:+,})'
-      + (f'; the paper-era Keras count with cuDNN LSTMs is {PAPER_KERAS_CNN_RNN_PARAMS:,}'
-         if name == 'cnn_rnn' else ''))
-
-  keras_train = lambda n: [model.train_on_batch(x, y) for _ in range(n)]
-  keras_predict = lambda n: [model.predict_on_batch(x) for _ in range(n)]
-
-  def jax_predict(n):
-    for _ in range(n):
-      out = programs.predict(*predict_args())
-    jax.block_until_ready(out)
-
-  runner()  # S = 1 was usually compiled by the main section already
-  jax_predict(1)
-  first_train = timed(lambda: keras_train(1))
-  first_predict = timed(lambda: keras_predict(1))
-  log(f'peer {name:8s} Keras first train_on_batch {first_train:.2f} s, first '
-      f'predict_on_batch {first_predict:.2f} s (jit_compile={model.jit_compile})')
-  for _ in range(args.warmup):
-    runner()
-    keras_train(1)
-    jax_predict(1)
-    keras_predict(1)
-
-  row = {'model': name, 'batch': args.batch, 'keras_params': keras_params,
-         'wbc_jax_params': wbc_params,
-         'params_agree': keras_params == wbc_params,
-         'keras_jit_compile': bool(model.jit_compile),
-         'keras_first_train_step_s': first_train, 'keras_first_predict_s': first_predict,
-         'steps_per_turn': args.peer_steps, 'pairs': args.reps}
-  if name == 'cnn_rnn':
-    row['paper_keras_params_cudnn_lstm'] = PAPER_KERAS_CNN_RNN_PARAMS
-  row.update(_pair_summary('train', args.batch,
-                           *alternate(runner, keras_train, args.peer_steps, args.reps)))
-  log(f'peer {name:8s} train   wbc_jax {row["train_wbc_jax_images_per_s"]:7.1f} img/s, '
-      f'Keras {row["train_keras_images_per_s"]:7.1f} img/s, median ratio of pairs '
-      f'{row["train_ratio_median"]:.2f}x')
-  row.update(_pair_summary('predict', args.batch,
-                           *alternate(jax_predict, keras_predict, args.peer_steps, args.reps)))
-  log(f'peer {name:8s} predict wbc_jax {row["predict_wbc_jax_images_per_s"]:7.1f} img/s, '
-      f'Keras {row["predict_keras_images_per_s"]:7.1f} img/s, median ratio of pairs '
-      f'{row["predict_ratio_median"]:.2f}x')
-  del model
-  return row
-
-
-def bench_keras_gan(gan_train, args) -> dict[str, Any]:
-  import keras
-  from wbc_jax import keras_twins
-
-  keras.utils.set_random_seed(0)
-  height, width, _ = GAN_IMAGE_SHAPE
-  config, step = gan_program(gan_train, 'paper', args.batch, args.conv_impl)
-  state = init_gan(gan_train, config, 1)
-  wbc_params = gan_params(state)
-  data = make_batch(1, args.batch, GAN_IMAGE_SHAPE, seed=1)
-  real = jax.device_put(data['image'] * 2.0 - 1.0)
-  runner = TrainRunner(step, state, real, jax.device_put(data['label']))
-  gan = keras_twins.paper_gan(height, width, config.latent_dim, config.lr_d, config.b1, config.b2)
-  x = np.asarray(real[0])
-  keras_step = lambda n: [gan.train_on_batch(x) for _ in range(n)]
-
-  runner()
-  first = timed(lambda: keras_step(1))
-  keras_params = (keras_twins.trainable_params(gan.generator)
-                  + keras_twins.trainable_params(gan.discriminator))
-  log(f'peer gan:paper params (trainable G + D): Keras {keras_params:,}, wbc_jax '
-      f'{wbc_params:,}; Keras first train_on_batch {first:.2f} s (jit_compile={gan.jit_compile})')
-  for _ in range(args.warmup):
-    runner()
-    keras_step(1)
-  row = {'model': 'gan:paper', 'batch': args.batch, 'keras_params': keras_params,
-         'wbc_jax_params': wbc_params, 'params_agree': keras_params == wbc_params,
-         'keras_jit_compile': bool(gan.jit_compile), 'keras_first_train_step_s': first,
-         'steps_per_turn': 1, 'pairs': args.gan_reps}
-  row.update(_pair_summary('train', args.batch,
-                           *alternate(runner, keras_step, 1, args.gan_reps)))
-  log(f'peer gan:paper step    wbc_jax {row["train_wbc_jax_images_per_s"]:7.1f} real img/s, '
-      f'Keras {row["train_keras_images_per_s"]:7.1f} real img/s, median ratio of pairs '
-      f'{row["train_ratio_median"]:.2f}x')
-  return row
-
-
-# ------------------------------------------------------------------------------------------
-# Report
-# ------------------------------------------------------------------------------------------
-
-
-def _fmt(value, spec: str = '.1f') -> str:
-  if value is None:
-    return 'n/a'
-  return format(value, spec)
-
-
-def _pct(value) -> str:
-  return 'n/a' if value is None else f'{100 * value:.1f}%'
-
-
-def to_markdown(result: dict[str, Any]) -> str:
-  m, s, peak = result['machine'], result['settings'], result['matmul_peak']
-  lines = [
-      '# wbc_jax benchmark',
-      '',
-      f'- Date: {result["date"]}',
-      f'- Command: `{result["command"]}`',
-      f'- Machine: {m["cpu_model"]}, {m["usable_cores"]} usable cores, {m["memory_gb"]} GB; '
-      f'JAX backend `{m["jax_backend"]}` ({m["jax_device_kind"]}); load average '
-      f'{" / ".join(f"{x:.2f}" for x in m["load_average_at_start"])} at the start, '
-      f'{" / ".join(f"{x:.2f}" for x in m["load_average_at_end"])} at the end',
-      '- Versions: ' + ', '.join(f'{k} {v}' for k, v in result['versions'].items()),
-      f'- Threads: XLA {s["xla_intra_op_threads"]} intra-op; TensorFlow '
-      f'{s["tf_intra_op_threads"]} intra-op / {s["tf_inter_op_threads"]} inter-op '
-      f'(applied: {s["tf_thread_settings_applied"]}); XLA_FLAGS=`{s["XLA_FLAGS"]}`. '
-      f'{s["note"]}',
-      f'- Matmul peak (float32 {peak["n"]}x{peak["n"]} @ {peak["n"]}x{peak["n"]}, jitted, '
-      f'median): **{peak["gflop_per_s"]:.1f} GFLOP/s** (start {peak["start_gflop_per_s"]:.1f}, '
-      f'end {_fmt(peak.get("end_gflop_per_s"))}; the larger is the reference)',
-      f'- Reps: {result["args"]["reps"]} timed steps per figure (medians; '
-      f'{result["args"]["gan_reps"]} for GAN steps), '
-      f'{result["args"]["warmup"]} warm-up step(s); conv_impl `{result["args"]["conv_impl"]}` '
-      f'(resolved: `{result["conv_impl_resolved"]}`)',
-      '',
-      '## wbc_jax classifiers',
-      '',
-      'Images/s = S x batch / step time. GFLOP/step from XLA\'s cost analysis of the compiled '
-      'program (loop bodies counted once, so a lower bound for the CNN-RNN). "Compile" is trace '
-      '+ lower + compile; "first call" is the first run of the compiled program. Memory: the '
-      'compiled train program\'s arguments + outputs + temporaries (donated state counted once).'
-      + (' With conv_impl `onednn` the convolutions are custom calls, which XLA\'s cost '
-         'analysis does not count: GFLOP and % of peak then leave them out.'
-         if result['conv_impl_resolved'] == 'onednn' else ''),
-      '',
-      '| model | S | batch | params/seed | compile train (s) | first call train (s) '
-      '| compile predict (s) | train ms/step | train img/s | train GFLOP/step | train GFLOP/s '
-      '| train % peak | predict ms | predict img/s | predict GFLOP/s | predict % peak '
-      '| train program MB |',
-      '|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|',
-  ]
-  for r in result['classifiers']:
-    mem = r['train_memory_bytes']
-    head = f'| {r["model"]} | {r["seeds"]} | {r["batch"]} | {r["params_per_seed"]:,} '
-    if 'skipped' in r:
-      lines.append(head + f'| skipped: {r["skipped"]} |' + ' |' * 12
-                   + f' {_mb(mem["total"] if mem else None)} |')
-      continue
-    lines.append(
-        head + f'| {r["compile_train_s"]:.1f} | {r["first_call_train_s"]:.1f} '
-        f'| {r["compile_predict_s"]:.1f} '
-        f'| {r["train_ms"]:.1f} | {r["train_images_per_s"]:.1f} '
-        f'| {_fmt(r["train_gflop_per_step"], ".2f")} | {_fmt(r["train_gflop_per_s"])} '
-        f'| {_pct(r["train_fraction_of_peak"])} | {r["predict_ms"]:.1f} '
-        f'| {r["predict_images_per_s"]:.1f} | {_fmt(r["predict_gflop_per_s"])} '
-        f'| {_pct(r["predict_fraction_of_peak"])} | {_mb(mem["total"] if mem else None)} |')
-  scaling = result.get('seed_scaling', {})
-  if scaling:
-    lines += ['', 'Seed scaling (train images/s at the largest S / at S = 1): '
-              + ', '.join(f'{k} {v:.2f}x' for k, v in scaling.items())]
-
-  gan = result['gan']
-  lines += ['', '## wbc_jax GANs', '']
-  if gan['status'] != 'ok':
-    lines.append(f'Skipped: {gan["reason"]}')
-  else:
-    lines += [
-        'One step = one Adam step of D (real + generated batch) then one of G, vmapped over S '
-        'GANs; img/s counts real images.',
-        '',
-        '| kind | S | batch | params/GAN (G + D) | compile (s) | first call (s) | ms/step '
-        '| real img/s | GFLOP/step | GFLOP/s | % peak | program MB |',
-        '|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|',
-    ]
-    for r in gan['rows']:
-      mem = r['memory_bytes']
-      head = f'| {r["kind"]} | {r["seeds"]} | {r["batch"]} | {r["params_per_seed"]:,} '
-      if 'skipped' in r:
-        lines.append(head + f'| skipped: {r["skipped"]} |' + ' |' * 6
-                     + f' {_mb(mem["total"] if mem else None)} |')
-        continue
-      lines.append(
-          head + f'| {r["compile_s"]:.1f} | {r["first_call_s"]:.1f} | {r["step_ms"]:.1f} '
-          f'| {r["step_images_per_s"]:.1f} '
-          f'| {_fmt(r["step_gflop_per_step"], ".2f")} | {_fmt(r["step_gflop_per_s"])} '
-          f'| {_pct(r["step_fraction_of_peak"])} | {_mb(mem["total"] if mem else None)} |')
-
-  peer = result['keras_peer']
-  lines += ['', f'## {peer["label"]}', '']
-  if peer['status'] != 'ok':
-    lines.append(f'Skipped: {peer["reason"]}')
-  else:
-    lines += [
-        'Same layers, batch and inputs; Keras trains with `train_on_batch` (the train function '
-        '`model.fit` runs; `jit_compile` as Keras resolves its default) and predicts with '
-        '`predict_on_batch`. wbc_jax at S = 1 and Keras are timed alternately, '
-        f'{peer["rows"][0]["pairs"] if peer["rows"] else 0} pairs; ratio = wbc_jax img/s / '
-        'Keras img/s, median over pairs.',
-        '',
-        '| model | Keras params | wbc_jax params | Keras jit_compile | Keras first step (s) '
-        '| train: wbc_jax img/s | train: Keras img/s | train ratio '
-        '| predict: wbc_jax img/s | predict: Keras img/s | predict ratio |',
-        '|---|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|',
-    ]
-    for r in peer['rows']:
-      lines.append(
-          f'| {r["model"]} | {r["keras_params"]:,} | {r["wbc_jax_params"]:,} '
-          f'| {r["keras_jit_compile"]} | {r["keras_first_train_step_s"]:.1f} '
-          f'| {r["train_wbc_jax_images_per_s"]:.1f} | {r["train_keras_images_per_s"]:.1f} '
-          f'| **{r["train_ratio_median"]:.2f}x** '
-          f'| {_fmt(r.get("predict_wbc_jax_images_per_s"))} '
-          f'| {_fmt(r.get("predict_keras_images_per_s"))} '
-          f'| {_fmt(r.get("predict_ratio_median"), ".2f")}{"x" if "predict_ratio_median" in r else ""} |')
-    if any(r['model'] == 'cnn_rnn' for r in peer['rows']):
-      lines += ['', f'The paper-era Keras count of the CNN-RNN, with cuDNN LSTMs (two biases per '
-                f'gate), is {PAPER_KERAS_CNN_RNN_PARAMS:,}; Keras 3\'s LSTM keeps one bias.']
-    if peer.get('gan_reason'):
-      lines += ['', f'Keras paper-GAN step skipped: {peer["gan_reason"]}']
-  lines += ['', f'Process peak RSS: {result["process_maxrss_mb"]:.0f} MB. '
-            f'Total wall time: {result["wall_s"]:.0f} s.', '']
-  return '\n'.join(lines)
 
 
 # ------------------------------------------------------------------------------------------
@@ -882,7 +369,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       'machine': machine_info(),
       'versions': versions(),
       'settings': settings,
-      'conv_impl_resolved': models._resolve_conv_impl(args.conv_impl),
+      'conv_impl_resolved': models.resolve_conv_impl(args.conv_impl),
   }
   log(f'command: {command}')
   log('machine: ' + json.dumps(result['machine']))
@@ -895,20 +382,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   peak_gflops = peak['gflop_per_s']
 
   result['matmul_peak'] = {**peak, 'start_gflop_per_s': peak_gflops}
-  from wbc_jax import models as models_lib
   rows, programs_of = [], {}
   result['classifiers'] = rows
   for name in args.models:
     programs_of[name] = build_programs(name, args.conv_impl)
     for seeds in args.seeds:
-      programs = (sharded_programs(name, args.conv_impl, seeds) if jax.device_count() > 1
+      programs = (build_programs(name, args.conv_impl, seeds) if jax.device_count() > 1
                   else programs_of[name])
       # XLA's cost analysis does not see into custom calls: the same step built with the
       # matmul convolution (the same arithmetic, every FLOP visible) supplies the count.
       counted = None
-      if models_lib.resolve_conv_impl(args.conv_impl) == 'onednn':
-        counted = (sharded_programs(name, 'matmul', seeds) if jax.device_count() > 1
-                   else build_programs(name, 'matmul'))
+      if models.resolve_conv_impl(args.conv_impl) == 'onednn':
+        counted = build_programs(name, 'matmul', seeds)
       rows.append(bench_classifier(name, programs, seeds, args, peak_gflops,
                                    flop_programs=counted))
       count_all_devices(rows[-1], programs.mesh)
@@ -921,45 +406,51 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if 1 in by_s and len(by_s) > 1:
       result['seed_scaling'][name] = by_s[max(by_s)] / by_s[1]
 
-  gan_train, gan_reason = gan_api()
+  result['gan'] = {'status': 'skipped', 'reason': '--skip_gan', 'rows': []}
   if args.skip_gan:
-    gan_train, gan_reason = None, '--skip_gan'
-  result['gan'] = {'status': 'skipped', 'reason': gan_reason, 'rows': []}
-  if gan_train is None:
-    log(f'GAN section skipped: {gan_reason}')
+    log('GAN section skipped: --skip_gan')
   else:
-    result['gan']['status'] = 'ok'
+    result['gan'].update(status='ok', reason=None)
     for kind in args.gan_kinds:
       for seeds in args.gan_seeds:
-        result['gan']['rows'].append(bench_gan(gan_train, kind, seeds, args, peak_gflops))
+        result['gan']['rows'].append(bench_gan(kind, seeds, args, peak_gflops))
         gc.collect()
         save(result, args.out)
 
-  peer = {'label': PEER_LABEL, 'status': 'skipped', 'reason': None, 'rows': []}
+  peer = {'label': peer_lib.LABEL, 'status': 'skipped', 'reason': None, 'rows': []}
   result['keras_peer'] = peer
-  peer_models = [m for m in args.models if m in PEER_MODELS]
+  peer_models = [m for m in args.models if m in peer_lib.MODELS]
   if args.skip_keras:
     peer['reason'] = '--skip_keras'
   elif not peer_models:
     peer['reason'] = 'no Keras peer for the chosen models (only cnn and cnn_rnn have one)'
   if peer['reason']:
-    log(f'{PEER_LABEL}: skipped ({peer["reason"]})')
+    log(f'{peer_lib.LABEL}: skipped ({peer["reason"]})')
   else:
     import keras
     result['versions']['keras_backend'] = keras.backend.backend()
-    log(f'{PEER_LABEL}: Keras {keras.__version__} on {keras.backend.backend()}, threads '
+    log(f'{peer_lib.LABEL}: Keras {keras.__version__} on {keras.backend.backend()}, threads '
         f'intra {settings["tf_intra_op_threads"]} / inter {settings["tf_inter_op_threads"]} '
         f'(XLA: {settings["xla_intra_op_threads"]})')
     peer['status'] = 'ok'
     for name in peer_models:
-      peer['rows'].append(bench_keras_classifier(name, programs_of[name], args))
+      # wbc_jax at S = 1; usually compiled by the classifier section already.
+      runner, predict_args = prepare_classifier(programs_of[name], 1, args.batch,
+                                                IMAGE_SHAPES[name])
+      peer['rows'].append(peer_lib.bench_keras_classifier(
+          name, programs_of[name], runner, predict_args, IMAGE_SHAPES[name], args))
       gc.collect()
       save(result, args.out)
-    if gan_train is None or 'paper' not in args.gan_kinds:
-      peer['gan_reason'] = gan_reason or "--gan_kinds has no 'paper'"
+    if args.skip_gan or 'paper' not in args.gan_kinds:
+      peer['gan_reason'] = '--skip_gan' if args.skip_gan else "--gan_kinds has no 'paper'"
       log(f'peer gan:paper skipped: {peer["gan_reason"]}')
     else:
-      peer['rows'].append(bench_keras_gan(gan_train, args))
+      config, step = gan_program('paper', args.batch, args.conv_impl)
+      state = init_gan(config, 1)
+      data = make_batch(1, args.batch, GAN_IMAGE_SHAPE, seed=1)
+      runner = TrainRunner(step, state, jax.device_put(data['image'] * 2.0 - 1.0),
+                           jax.device_put(data['label']))
+      peer['rows'].append(peer_lib.bench_keras_gan(config, runner, gan_params(state), args))
 
   end_peak = measure_matmul_peak(args.matmul_size, args.reps)
   log(f'matmul peak at the end: {end_peak["gflop_per_s"]:.1f} GFLOP/s')
@@ -984,7 +475,7 @@ def save(result: dict[str, Any], out: str, complete: bool = False) -> str | None
   figures) and, once complete, benchmark.md, whose text it returns."""
   result['complete'] = complete
   result['process_maxrss_mb'] = maxrss_mb()
-  result['wall_s'] = time.perf_counter() - _T0
+  result['wall_s'] = elapsed()
   os.makedirs(out, exist_ok=True)
   path = os.path.join(out, 'benchmark.json')
   with open(path + '.tmp', 'w') as f:
@@ -992,7 +483,7 @@ def save(result: dict[str, Any], out: str, complete: bool = False) -> str | None
   os.replace(path + '.tmp', path)
   if not complete:
     return None
-  markdown = to_markdown(result)
+  markdown = benchmark_markdown.to_markdown(result)
   with open(os.path.join(out, 'benchmark.md'), 'w') as f:
     f.write(markdown)
   return markdown

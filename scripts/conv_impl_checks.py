@@ -44,7 +44,7 @@ def gan_drift(steps: int = 12) -> None:
     c.unlock()
     c.conv_impl = impl
     state = gan_train.init_gan_state(c, jax.random.PRNGKey(0), height, width, 4)
-    step = jax.jit(partial(gan_train.gan_train_step, config=gan_train.model_config(c),
+    step = jax.jit(partial(gan_train.gan_train_step, config=c,
                            num_classes=4))
     losses[impl] = []
     for _ in range(steps):

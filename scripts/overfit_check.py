@@ -11,7 +11,7 @@ import sys
 import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs.ablation import get_config
-from wbc_jax import input_pipeline as ip, train, models
+from wbc_jax import evaluation, input_pipeline as ip, train, models
 c = get_config('quick')
 with c.unlocked(): c.data.view='crop'; c.train.learning_rate=float(sys.argv[2])
 ex = ip.load_examples(c.data)
@@ -25,5 +25,5 @@ for ep in range(int(sys.argv[3])):
   for b in ip.train_batches(x, y, seeds=[0], epoch=ep, batch_size=32, aug=c.augment, augment=False):
     st, met = p.train_step(st, b, cw)
   if ep % 5 == 4:
-    pr = train.predict_probs(p.predict, st.params, st.batch_stats, x, 64, st.input_norm)
+    pr = evaluation.predict_probs(p.predict, st.params, st.batch_stats, x, 64, st.input_norm)
     print(ep + 1, float(met['loss'][0])/32, (pr.argmax(-1)==y).mean(), flush=True)

@@ -34,7 +34,6 @@ _FLAG = '--xla_cpu_enable_xprof_traceme=true'
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + _FLAG).strip()
 
 import jax  # noqa: E402  after XLA_FLAGS
-import numpy as np  # noqa: E402
 
 # (category, pattern on the HLO text of the instruction or its fused computation), first match.
 CATEGORIES = (
@@ -65,21 +64,18 @@ def build_step(args):
   sys.path.insert(0, os.path.join(ROOT, 'scripts'))
   import benchmark as bench
   from wbc_jax import models
-  models._resolve_conv_impl(args.conv_impl)
+  models.resolve_conv_impl(args.conv_impl)
   if args.model.startswith('gan:'):
-    from wbc_jax.gan import train as gan_train
     kind = args.model.split(':', 1)[1]
-    config, step = bench.gan_program(gan_train, kind, args.batch, args.conv_impl)
-    state = bench.init_gan(gan_train, config, args.seeds)
+    config, step = bench.gan_program(kind, args.batch, args.conv_impl)
+    state = bench.init_gan(config, args.seeds)
     data = bench.make_batch(args.seeds, args.batch, bench.GAN_IMAGE_SHAPE, seed=1)
     return step, state, (jax.device_put(data['image'] * 2.0 - 1.0),
                          jax.device_put(data['label']))
   programs = bench.build_programs(args.model, args.conv_impl)
-  from wbc_jax import train
-  state = programs.init(train.seed_keys(range(args.seeds)))
-  data = bench.make_batch(args.seeds, args.batch, bench.IMAGE_SHAPES[args.model], seed=1)
-  batch = {k: jax.device_put(v) for k, v in data.items()}
-  return programs.train_step, state, (batch, np.ones(bench.NUM_CLASSES, np.float32))
+  runner, _ = bench.prepare_classifier(programs, args.seeds, args.batch,
+                                       bench.IMAGE_SHAPES[args.model])
+  return programs.train_step, runner.state, (runner.batch, runner.class_weights)
 
 
 def instruction_texts(hlo: str) -> dict[str, str]:

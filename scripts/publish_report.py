@@ -20,11 +20,15 @@ import re
 import shutil
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from wbc_jax import rundir  # noqa: E402
+
 
 def shows_real_cells(rel: str) -> bool:
   """True for the synthetic-data measures' figures, which put real cells beside synthetic ones."""
   parts = rel.split('/')
-  in_gan = any(p.startswith('gan_') for p in parts)
+  in_gan = any(p.startswith(rundir.GAN_PREFIX) for p in parts)
   return in_gan and rel.endswith('.png') and 'samples' not in parts
 
 
@@ -51,9 +55,9 @@ def main(argv=None) -> int:
   wanted |= {os.path.relpath(p, args.workdir)
              for p in glob.glob(os.path.join(args.workdir, 'report', '*'))}
   wanted |= {os.path.relpath(p, args.workdir)
-             for p in glob.glob(os.path.join(args.workdir, '*', 'splits.json'))}
-  wanted |= {os.path.relpath(p, args.workdir)
-             for p in glob.glob(os.path.join(args.workdir, '*', '*', 'gan_*', 'measures.json'))}
+             for p in glob.glob(rundir.splits_path(args.workdir, '*'))}
+  wanted |= {os.path.relpath(os.path.join(g.path, rundir.MEASURES), args.workdir)
+             for g in rundir.find_gan_dirs(args.workdir)}
   copied, left_out = [], []
   for rel in sorted(wanted):
     src = os.path.join(args.workdir, rel)

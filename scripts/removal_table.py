@@ -25,16 +25,23 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from wbc_jax import report  # noqa: E402
+from wbc_jax import metrics  # noqa: E402
+from wbc_jax import rundir  # noqa: E402
+from wbc_jax import stats  # noqa: E402
 
 
 MODEL = 'cellnet'  # the work directories may hold other models' runs (the floor) beside it
 
 
+def _repeat0_runs(workdir: str, name: str) -> tuple[str, list[str]]:
+  """The glob pattern and sorted paths of `name` in repeat 0's runs of the baseline's cell."""
+  pattern = os.path.join(rundir.run_dir(workdir, 'crop', 'r0_k*', 'original+trad', MODEL), name)
+  return pattern, sorted(glob.glob(pattern))
+
+
 def pooled(workdir: str, key: str = 'test_probs', seed_index: int = 0):
   """(image_ids, labels, probs [N, C]) of repeat 0's folds; None if a fold is missing."""
-  pattern = os.path.join(workdir, 'crop', 'r0_k*', 'original_trad', MODEL, 'predictions.npz')
-  paths = sorted(glob.glob(pattern))
+  pattern, paths = _repeat0_runs(workdir, rundir.PREDICTIONS)
   if not paths:
     raise SystemExit(f'{workdir}: no finished fold of repeat 0 ({pattern}).')
   parts = []
@@ -43,7 +50,7 @@ def pooled(workdir: str, key: str = 'test_probs', seed_index: int = 0):
       if key not in z:
         raise SystemExit(f'{path}: no {key}.')
       parts.append((z['test_image_ids'], z['test_labels'], z[key][seed_index]))
-  return report.pool_repeat(parts), len(paths)
+  return stats.pool_repeat(parts), len(paths)
 
 
 def validation_means(workdir: str, seed_index: int = 0) -> dict[str, float]:
@@ -53,8 +60,7 @@ def validation_means(workdir: str, seed_index: int = 0) -> dict[str, float]:
   training part), so they are averaged per fold rather than pooled. These are the figures a
   recipe decision may look at: selection never consults the test images.
   """
-  paths = sorted(glob.glob(os.path.join(workdir, 'crop', 'r0_k*', 'original_trad', MODEL,
-                                        'results.json')))
+  _, paths = _repeat0_runs(workdir, rundir.RESULTS)
   per_fold = [json.load(open(p))['splits']['val']['per_seed'][seed_index] for p in paths]
   return {m: float(np.mean([f[m] for f in per_fold])) for m in ('accuracy', 'balanced_accuracy')}
 
@@ -73,8 +79,7 @@ def main(argv=None):
     label, _, workdir = arm.partition('=')
     rows.append((label, workdir, 'test_probs'))
   (ids0, labels, probs0), folds0 = pooled(args.full)
-  class_names = json.load(open(glob.glob(os.path.join(
-      args.full, 'crop', 'r0_k0', 'original_trad', MODEL, 'results.json'))[0]))['class_names']
+  class_names = json.load(open(_repeat0_runs(args.full, rundir.RESULTS)[1][0]))['class_names']
   mono = class_names.index('MONOCYTE')
   full_preds = probs0.argmax(-1)[None]
   out, lines = [], []
@@ -85,12 +90,12 @@ def main(argv=None):
       lines.append(f'| {label} | incomplete: {folds} of {folds0} folds | | | | |')
       continue
     preds = probs.argmax(-1)[None]
-    est = {m: report.pooled_estimate(labels, preds, report.METRICS[m], len(class_names),
-                                     n_boot=args.n_boot, seed=0)
+    est = {m: stats.pooled_estimate(labels, preds, metrics.METRICS[m], len(class_names),
+                                    n_boot=args.n_boot, seed=0)
            for m in ('accuracy', 'balanced_accuracy')}
-    recall = report.recalls(labels, preds[0], len(class_names))
-    diff = report.paired_difference(labels, preds, full_preds, report.balanced_accuracy,
-                                    len(class_names), n_boot=args.n_boot, seed=0)
+    recall = metrics.recalls(labels, preds[0], len(class_names))
+    diff = stats.paired_difference(labels, preds, full_preds, metrics.balanced_accuracy,
+                                   len(class_names), n_boot=args.n_boot, seed=0)
     # The no-TTA / no-EMA rows are the full recipe's trained seeds: their validation figures
     # were not computed without that part, so none is shown.
     val = validation_means(workdir) if key == 'test_probs' else None

@@ -13,6 +13,7 @@ import os
 import numpy as np
 
 from wbc_jax import ablation
+from wbc_jax import rundir
 
 RTOL, ATOL = 1e-4, 1e-5
 
@@ -33,7 +34,7 @@ ONE_RUN = ['--config.ablation.models=("cnn",)', '--config.ablation.regimes=("ori
 
 
 def run_dir(workdir: str) -> str:
-  return ablation.run_dir(workdir, 'frame', 'holdout', 'original', 'cnn')
+  return rundir.run_dir(workdir, 'frame', 'holdout', 'original', 'cnn')
 
 
 def train_one_run(test_config, workdir: str, num_seeds: int) -> str:

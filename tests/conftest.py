@@ -74,14 +74,15 @@ def test_config(manual_dir, tfds_dir):
 
 @pytest.fixture
 def evaluated_images(monkeypatch):
-  """Every image array `train.predict_probs` is given during the test (evaluation sees these)."""
-  from wbc_jax import train
+  """Every image array `evaluation.predict_probs` is given during the test (evaluation sees
+  these)."""
+  from wbc_jax import evaluation
   evaluated = []
-  real_predict = train.predict_probs
+  real_predict = evaluation.predict_probs
 
   def recording_predict(predict, params, batch_stats, images, batch_size, norm):
     evaluated.append(np.array(images))
     return real_predict(predict, params, batch_stats, images, batch_size, norm)
 
-  monkeypatch.setattr(train, 'predict_probs', recording_predict)
+  monkeypatch.setattr(evaluation, 'predict_probs', recording_predict)
   return evaluated

@@ -14,10 +14,12 @@ import ml_collections
 import numpy as np
 import pytest
 
-from wbc_jax import ablation
+import config_sections
 from wbc_jax import augment
+from wbc_jax import evaluation
 from wbc_jax import input_pipeline as ip
 from wbc_jax import models
+from wbc_jax import rundir
 from wbc_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -131,7 +133,7 @@ def test_full_augmentation_stays_in_range_and_differs_per_image():
 
 
 def test_tfdata_refuses_fields_only_jax_has():
-  aug = ml_collections.ConfigDict({'scale': 0.1, 'shift': 0.0})
+  aug = config_sections.section('augment', scale=0.1)
   with pytest.raises(ValueError, match='config.augment.scale'):
     augment.check_impl('tfdata', aug)
   with pytest.raises(ValueError, match='config.augment.impl'):
@@ -211,23 +213,23 @@ def test_balanced_batches_follow_the_sampler(test_config):
 def test_selection_rules():
   row = {'epoch': 7, 'val_acc': [0.5, 0.9], 'val_bacc': [0.7, 0.4], 'val_loss': [1.0, 0.2],
          'test_acc': [1.0, 0.0]}
-  np.testing.assert_allclose(train.selection_score('val_accuracy', row), [0.5, 0.9])
-  np.testing.assert_allclose(train.selection_score('val_balanced_accuracy', row), [0.7, 0.4])
-  np.testing.assert_allclose(train.selection_score('val_loss', row), [-1.0, -0.2])
-  np.testing.assert_array_equal(train.selection_score('last', row), [7, 7])
+  np.testing.assert_allclose(evaluation.selection_score('val_accuracy', row), [0.5, 0.9])
+  np.testing.assert_allclose(evaluation.selection_score('val_balanced_accuracy', row), [0.7, 0.4])
+  np.testing.assert_allclose(evaluation.selection_score('val_loss', row), [-1.0, -0.2])
+  np.testing.assert_array_equal(evaluation.selection_score('last', row), [7, 7])
   # The test metrics never enter a score.
   other = dict(row, test_acc=[0.0, 1.0])
-  for rule in train.SELECTIONS:
-    np.testing.assert_array_equal(train.selection_score(rule, row),
-                                  train.selection_score(rule, other))
+  for rule in evaluation.SELECTIONS:
+    np.testing.assert_array_equal(evaluation.selection_score(rule, row),
+                                  evaluation.selection_score(rule, other))
   with pytest.raises(ValueError, match='config.train.select'):
-    train.selection_score('test_accuracy', row)
+    evaluation.selection_score('test_accuracy', row)
 
 
 def _tiny_state(ema=False):
   model = models.get_model('cellnet', num_classes=4, conv_impl='xla')
-  tx = train.make_optimizer(ml_collections.ConfigDict(
-      {'optimizer': 'adam', 'learning_rate': 1e-3}))
+  tx = train.make_optimizer(config_sections.section('train', optimizer='adam',
+                                                    learning_rate=1e-3))
   state = train.create_train_state(jax.random.PRNGKey(0), model=model, tx=tx,
                                    image_shape=(16, 16, 3), ema=ema)
   return model, tx, state
@@ -238,12 +240,12 @@ def test_select_best_keeps_the_first_best_and_last_keeps_the_end():
   marked = lambda s, v: s.replace(ema_params=jax.tree.map(lambda a: a * 0 + v, s.ema_params),
                                   epoch=jnp.int32(v))
   for epoch, score in ((1, 0.5), (2, 0.8), (3, 0.8), (4, 0.6)):
-    state = train.select_best(marked(state, epoch), jnp.float32(score))
+    state = evaluation.select_best(marked(state, epoch), jnp.float32(score))
   assert int(state.best_epoch) == 2
   leaf = jax.tree.leaves(state.best_params)[0]
   np.testing.assert_array_equal(leaf, 2)  # the moving average's weights, not the raw ones
   for epoch in (5, 6):
-    state = train.select_best(marked(state, epoch), jnp.float32(epoch))
+    state = evaluation.select_best(marked(state, epoch), jnp.float32(epoch))
   assert int(state.best_epoch) == 6
 
 
@@ -260,7 +262,7 @@ def test_tta_is_the_mean_of_the_8_explicit_views():
 
 
 def test_loss_constants():
-  tc = ml_collections.ConfigDict({'class_weighting': False, 'logit_adjust_tau': 1.0})
+  tc = config_sections.section('train', class_weighting=False, logit_adjust_tau=1.0)
   consts = train.loss_constants(np.array([0, 0, 0, 1]), 3, tc)
   np.testing.assert_allclose(consts['logit_offset'][:2], np.log([0.75, 0.25]), rtol=1e-6)
   np.testing.assert_array_equal(consts['class_weights'], 1.0)
@@ -310,7 +312,7 @@ def test_statistics_come_from_training_images_only(test_config, tmp_path):
     model = models.get_model('cellnet', num_classes=4)
     programs = train.make_programs(model, train.make_optimizer(config.train), (24, 24, 3),
                                    options=train.StepOptions.from_config(config, augment=True))
-    state = train.restore_run_state(str(tmp_path / name),
+    state = rundir.restore_run_state(str(tmp_path / name),
                                     jax.eval_shape(programs.init, train.seed_keys([0, 1])))
     means.append((np.asarray(state.input_mean), np.asarray(state.input_std)))
   want_mean, want_std = ip.channel_stats(examples.images[split.train])
@@ -340,7 +342,7 @@ def test_baseline_config_end_to_end_and_predict_applies_the_stored_standardisati
          f'--config.data.data_dir={test_config.data.data_dir}']
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  rdir = ablation.run_dir(str(workdir), 'crop', 'holdout', 'original+trad', 'cellnet')
+  rdir = rundir.run_dir(str(workdir), 'crop', 'holdout', 'original+trad', 'cellnet')
   results = json.load(open(os.path.join(rdir, 'results.json')))
   assert results['select'] == 'last' and results['best_epoch'] == [2, 2]
   assert results['splits']['test']['ensemble']['n'] == 44
@@ -357,7 +359,7 @@ def test_baseline_config_end_to_end_and_predict_applies_the_stored_standardisati
   config = _baseline_config(test_config)
   programs = train.make_programs(model, train.make_optimizer(config.train), (24, 24, 3),
                                  options=train.StepOptions.from_config(config, augment=True))
-  state = train.restore_run_state(rdir, jax.eval_shape(programs.init, train.seed_keys([0, 1])))
+  state = rundir.restore_run_state(rdir, jax.eval_shape(programs.init, train.seed_keys([0, 1])))
   assert np.all(np.abs(np.asarray(state.input_mean) - 0) > 0.2)
   assert np.all(np.abs(np.asarray(state.input_std) - 1) > 0.5)
   # The CLI writes the same row.

@@ -64,13 +64,8 @@ def test_benchmark_writes_json_and_markdown(tmp_path):
 
 
 def test_memory_shortfall_names_what_is_missing(monkeypatch):
-  import importlib.util
-  # The script sets these when imported; monkeypatch restores them afterwards.
-  monkeypatch.setenv('KERAS_BACKEND', 'tensorflow')
-  monkeypatch.setenv('TF_CPP_MIN_LOG_LEVEL', '2')
-  spec = importlib.util.spec_from_file_location('benchmark_script', SCRIPT)
-  bench = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(bench)
+  monkeypatch.syspath_prepend(os.path.join(ROOT, 'scripts'))
+  import benchmark_tools as bench
 
   def stats(temp):
     return {'flops': 1.0, 'memory_bytes': {'argument': 8, 'output': 8, 'alias': 8, 'temp': temp,

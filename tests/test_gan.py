@@ -13,18 +13,20 @@ import math
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
-from wbc_jax.gan import diffaug, losses, models, train
+import config_sections
+from configs import ablation as ablation_config
+from wbc_jax import ablation
+from wbc_jax.gan import data, diffaug, losses, models, sample, train
 
 H, W = 16, 16
 NUM_CLASSES = 2
 
 
 def tiny_config(kind, **overrides):
-  config = train.default_gan_config(kind)
+  config = config_sections.gan(kind)
   config.unlock()
   config.update(batch_size=4, steps=2, log_every=1, sample_every=0, checkpoint_every=0,
                 samples_per_class=2)
@@ -101,8 +103,8 @@ def test_paper_parameter_counts_at_60x80():
 
 
 def test_cond_parameter_counts_at_60x80():
-  config = train.default_gan_config('cond')
-  generator, discriminator = train.build_models(config, 60, 80, 4)
+  config = config_sections.gan('cond')
+  generator, discriminator = models.build_models(config, 60, 80, 4)
   z = jax.ShapeDtypeStruct((2, config.latent_dim), jnp.float32)
   y = jax.ShapeDtypeStruct((2,), jnp.int32)
   x = jax.ShapeDtypeStruct((2, 60, 80, 3), jnp.float32)
@@ -254,16 +256,16 @@ def test_unknown_policy_raises():
 
 def test_batch_samplers_respect_class_counts():
   images, labels = tiny_data()
-  pool, counts = train.make_class_pool(images, labels, NUM_CLASSES)
+  pool, counts = data.make_class_pool(images, labels, NUM_CLASSES)
   assert pool.shape == (2, 5, H, W, 3) and counts.tolist() == [3, 5]
   assert pool.min() >= -1.0 and np.all(pool[0, 3:] == 0)  # class 0 is padded
   real_by_class = [{img.tobytes() for img in images[labels == c] * 2 - 1} for c in range(2)]
   for c in range(2):
-    batch, y = train.sample_class_batch(jax.random.PRNGKey(c), pool, counts, c, 64)
+    batch, y = data.sample_class_batch(jax.random.PRNGKey(c), pool, counts, c, 64)
     assert np.all(y == c)
     assert all(np.asarray(b).tobytes() in real_by_class[c] for b in batch)
   n = 4096
-  batch, y = train.sample_balanced_batch(jax.random.PRNGKey(7), pool, counts, n)
+  batch, y = data.sample_balanced_batch(jax.random.PRNGKey(7), pool, counts, n)
   assert all(np.asarray(b).tobytes() in real_by_class[int(c)] for b, c in zip(batch, y))
   # Uniform over classes: class 0 has p = 1/2, n/2 = 2048 +- 32 (one standard deviation);
   # uniform over the 8 images would give it p = 3/8, 1536, 16 deviations away.
@@ -278,7 +280,7 @@ def test_batch_samplers_respect_class_counts():
 def test_empty_class_raises():
   images, labels = tiny_data()
   with pytest.raises(ValueError, match='at least one image'):
-    train.make_class_pool(images, labels, 3)
+    data.make_class_pool(images, labels, 3)
 
 
 # ----------------------------------------------------------------------------
@@ -295,6 +297,15 @@ def test_key_and_checkpoint_layout_pinned():
   assert [f.name for f in dataclasses.fields(train.GANState)] == [
       'g_params', 'g_batch_stats', 'd_params', 'd_state', 'g_opt_state', 'd_opt_state',
       'ema_g_params', 'step', 'rng']
+
+
+def test_programs_are_shared_by_runs_that_differ_only_in_their_schedule():
+  programs = lambda config: train.programs_for(config, height=H, width=W,
+                                               num_classes=NUM_CLASSES)
+  base = programs(tiny_config('paper'))
+  assert programs(tiny_config('paper', steps=4, log_every=2, sample_every=2)) is base
+  assert programs(tiny_config('paper', r1_gamma=1.0)) is not base
+  assert programs(tiny_config('paper', conv_impl='xla')) is not base
 
 
 def fresh_state(config, key=jax.random.PRNGKey(0)):
@@ -356,10 +367,10 @@ def paper_run(tmp_path_factory):
 def test_vmapped_paper_gans_match_training_each_class_alone(paper_run):
   config, stacked, logged = paper_run
   images, labels = tiny_data()
-  pool, counts = train.make_class_pool(images, labels, NUM_CLASSES)
+  pool, counts = data.make_class_pool(images, labels, NUM_CLASSES)
   step = jax.jit(functools.partial(train.train_step_from_pool, config=config,
                                    num_classes=NUM_CLASSES))
-  generator, discriminator = train.build_models(config, H, W, NUM_CLASSES)
+  generator, discriminator = models.build_models(config, H, W, NUM_CLASSES)
   z = jax.random.normal(jax.random.PRNGKey(5), (4, config.latent_dim))
   x = jnp.asarray(images[:4] * 2 - 1)
   g_out = jax.jit(lambda s: generator.apply(
@@ -401,7 +412,7 @@ def test_vmapped_paper_gans_match_training_each_class_alone(paper_run):
 def test_generate_paper_uses_the_class_generator(paper_run):
   config, stacked, _ = paper_run
   key = jax.random.PRNGKey(9)
-  images, y = train.generate(stacked, config, num_per_class={1: 3}, key=key, height=H,
+  images, y = sample.generate(stacked, config, num_per_class={1: 3}, key=key, height=H,
                              width=W, num_classes=NUM_CLASSES)
   assert images.shape == (3, H, W, 3) and y.tolist() == [1, 1, 1]
   member = train.member_state(stacked, 1)
@@ -488,17 +499,17 @@ def test_generate_cond(cond_runs):
   config = tiny_config('cond')
   key = jax.random.PRNGKey(1)
   kwargs = dict(key=key, height=H, width=W, num_classes=NUM_CLASSES, seed_index=1)
-  images, y = train.generate(straight, config, num_per_class={0: 3, 1: 2}, **kwargs)
+  images, y = sample.generate(straight, config, num_per_class={0: 3, 1: 2}, **kwargs)
   assert images.shape == (5, H, W, 3) and images.dtype == np.float32
   assert y.tolist() == [0, 0, 0, 1, 1]
   assert images.min() >= 0.0 and images.max() <= 1.0
-  images_list, _ = train.generate(straight, config, num_per_class=[3, 2], **kwargs)
+  images_list, _ = sample.generate(straight, config, num_per_class=[3, 2], **kwargs)
   np.testing.assert_array_equal(images, images_list)
   # Chunking does not change the images.
-  images_small, _ = train.generate(straight, config, num_per_class=[3, 2], batch_size=2,
+  images_small, _ = sample.generate(straight, config, num_per_class=[3, 2], batch_size=2,
                                    **kwargs)
   np.testing.assert_allclose(images, images_small, atol=1e-6)
-  other_seed, _ = train.generate(straight, config, num_per_class=[3, 2],
+  other_seed, _ = sample.generate(straight, config, num_per_class=[3, 2],
                                  **{**kwargs, 'seed_index': 0})
   assert not np.allclose(images, other_seed)
 
@@ -506,53 +517,54 @@ def test_generate_cond(cond_runs):
 def test_resize_images():
   x = np.full((3, 24, 32, 3), 0.25, np.float32)
   x[1] = 0.75
-  y = train.resize_images(x, (12, 16), batch=2)
+  y = sample.resize_images(x, (12, 16), batch=2)
   assert y.shape == (3, 12, 16, 3) and y.dtype == np.float32
   np.testing.assert_allclose(y[0], 0.25, atol=1e-6)
   np.testing.assert_allclose(y[1], 0.75, atol=1e-6)
-  np.testing.assert_array_equal(train.resize_images(x, (24, 32)), x)  # same size: unchanged
-  assert train.resize_images(x[:0], (12, 16)).shape == (0, 12, 16, 3)
+  np.testing.assert_array_equal(sample.resize_images(x, (24, 32)), x)  # same size: unchanged
+  assert sample.resize_images(x[:0], (12, 16)).shape == (0, 12, 16, 3)
+
+
+def _gan_ablation(**gan_fields):
+  """configs/ablation.py:test with a GAN regime and these config.gan fields."""
+  config = ablation_config.get_config('test')
+  config.ablation.regimes = ('original+gan',)
+  config.gan.update(gan_fields)
+  return config
 
 
 @pytest.mark.parametrize('resolution', [(30, 40), (12,), (0, 8)])
 def test_bad_resolution_is_named(resolution):
-  config = train.default_gan_config('cond')
-  with config.unlocked():
-    config.resolution = resolution
   with pytest.raises(ValueError, match='config.gan.resolution'):
-    train.check_gan_config(config)
+    ablation.validate(_gan_ablation(resolution=resolution))
 
 
 @pytest.mark.parametrize('resolution', [(30, 40), (12,)])
 def test_bad_per_view_resolution_is_named(resolution):
-  config = train.default_gan_config('paper')
-  with config.unlocked():
-    config.resolution_by_view = ml_collections.ConfigDict({'frame': (), 'crop': ()})
-  config.resolution_by_view.crop = resolution
+  config = _gan_ablation()
+  config.gan.resolution_by_view.crop = resolution
   with pytest.raises(ValueError, match='config.gan.resolution_by_view.crop'):
-    train.check_gan_config(config)
+    ablation.validate(config)
 
 
-def test_resolution_for_prefers_the_views_own_then_the_common_then_the_input():
-  config = train.default_gan_config('paper')
-  with config.unlocked():
-    config.resolution_by_view = ml_collections.ConfigDict({'frame': (24, 32), 'crop': ()})
-  assert train.resolution_for(config, 'frame', (60, 80)) == (24, 32)
-  assert train.resolution_for(config, 'crop', (32, 32)) == (32, 32)
+def test_gan_resolution_prefers_the_views_own_then_the_common_then_the_input():
+  config = config_sections.gan('paper')
+  config.resolution_by_view.frame = (24, 32)
+  assert ablation.gan_resolution(config, 'frame', (60, 80)) == (24, 32)
+  assert ablation.gan_resolution(config, 'crop', (32, 32)) == (32, 32)
   config.resolution = (16, 16)
-  assert train.resolution_for(config, 'crop', (32, 32)) == (16, 16)
-  assert train.resolution_for(config, 'frame', (60, 80)) == (24, 32)
+  assert ablation.gan_resolution(config, 'crop', (32, 32)) == (16, 16)
+  assert ablation.gan_resolution(config, 'frame', (60, 80)) == (24, 32)
 
 
 @pytest.mark.parametrize('arg', ['quick', 'quick,paper_gan'])
 def test_quick_gans_train_frames_small_and_crops_at_their_size(arg):
-  from configs import ablation as ablation_config
   quick = ablation_config.get_config(arg)
-  assert train.resolution_for(quick.gan, 'frame', (60, 80)) == (24, 32)
-  assert train.resolution_for(quick.gan, 'crop', (32, 32)) == (32, 32)
+  assert ablation.gan_resolution(quick.gan, 'frame', (60, 80)) == (24, 32)
+  assert ablation.gan_resolution(quick.gan, 'crop', (32, 32)) == (32, 32)
   # Other variants train the GAN at the classifier's input.
   study_frame = ablation_config.get_config('study_frame')
-  assert train.resolution_for(study_frame.gan, 'frame', (60, 80)) == (60, 80)
+  assert ablation.gan_resolution(study_frame.gan, 'frame', (60, 80)) == (60, 80)
 
 
 @pytest.mark.parametrize('per_view', [False, True])
@@ -560,7 +572,6 @@ def test_gan_at_its_own_resolution_gives_classifier_sized_images(test_config, tm
                                                                  per_view):
   """A GAN at 12x16 (gan.resolution, or the frame view's own) trains on the 24x32 training
   images shrunk to 12x16; its samples come back at 24x32 for the classifier."""
-  from wbc_jax import ablation
   from wbc_jax import input_pipeline as ip
   config = test_config.copy_and_resolve_references()
   if per_view:

@@ -1,4 +1,4 @@
-"""wbc_jax.gan.measures: KID, FID and nearest neighbours against hand-computed numbers,
+"""wbc_jax.measures: KID, FID and nearest neighbours against hand-computed numbers,
 the penultimate features, and the CLI end to end on an ablation of the :test config."""
 
 import json
@@ -13,8 +13,8 @@ import pytest
 
 from wbc_jax import ablation
 from wbc_jax import input_pipeline as ip
+from wbc_jax import measures
 from wbc_jax import models
-from wbc_jax.gan import measures
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -156,7 +156,7 @@ def measured(test_config, tmp_path_factory):
   os.makedirs(gan_dir)
   np.savez(os.path.join(gan_dir, 'synthetic.npz'), images=images, labels=labels)
   ablation.run(config, workdir, log=lambda s: None)
-  proc = subprocess.run([sys.executable, '-m', 'wbc_jax.gan.measures', f'--workdir={workdir}'],
+  proc = subprocess.run([sys.executable, '-m', 'wbc_jax.measures', f'--workdir={workdir}'],
                         cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   return workdir, proc.stdout, int(examples.image_ids[copied]), config

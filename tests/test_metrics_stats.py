@@ -2,9 +2,12 @@
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
+from PIL import Image
+from sklearn import metrics as skm
 from sklearn.metrics import accuracy_score
 
 from wbc_jax import metrics, plots, stats, utils
@@ -120,6 +123,76 @@ def test_format_markdown_table():
                    '|---|---|---|---|\n'
                    '| trad | 82.3 | 0.512 | 120 |\n'
                    '| GAN\\|trad | 90.0 |  | 120 |\n')
+
+
+@pytest.mark.filterwarnings('ignore:y_pred contains classes not in y_true')
+@pytest.mark.parametrize('seed', range(5))
+def test_metrics_of_classes_equal_sklearns(seed):
+  rng = np.random.default_rng(seed)
+  labels = rng.choice(4, size=30, p=[0.1, 0.2, 0.0, 0.7])  # class 2 absent from the labels
+  preds = rng.integers(0, 4, size=30)
+  assert metrics.accuracy(labels, preds, 4) == pytest.approx(skm.accuracy_score(labels, preds))
+  assert metrics.balanced_accuracy(labels, preds, 4) == pytest.approx(
+      skm.balanced_accuracy_score(labels, preds))
+  assert metrics.macro_f1(labels, preds, 4) == pytest.approx(
+      skm.f1_score(labels, preds, average='macro', zero_division=0))
+  expected = skm.recall_score(labels, preds, labels=[0, 1, 3], average=None)
+  np.testing.assert_allclose(metrics.recalls(labels, preds, 4)[[0, 1, 3]], expected)
+  assert np.isnan(metrics.recalls(labels, preds, 4)[2])
+  # Equal to the last bit (per-epoch curves and the floor select on it), with or without C.
+  assert metrics.balanced_accuracy(labels, preds) == metrics.balanced_accuracy(labels, preds, 4)
+  assert metrics.balanced_accuracy(labels, preds) == skm.recall_score(
+      labels, preds, labels=np.unique(labels), average='macro', zero_division=0)
+
+
+def test_pool_repeat_sorts_by_image_and_rejects_duplicates():
+  parts = [(np.array([7, 3]), np.array([1, 0]), np.array([[0.2, 0.8], [0.9, 0.1]])),
+           (np.array([5]), np.array([1]), np.array([[0.4, 0.6]]))]
+  ids, labels, probs = stats.pool_repeat(parts)
+  np.testing.assert_array_equal(ids, [3, 5, 7])
+  np.testing.assert_array_equal(labels, [0, 1, 1])
+  np.testing.assert_allclose(probs, [[0.9, 0.1], [0.4, 0.6], [0.2, 0.8]])
+  with pytest.raises(ValueError, match='more than once'):
+    stats.pool_repeat(parts + [(np.array([3]), np.array([0]), np.array([[1.0, 0.0]]))])
+
+
+def test_align_repeats_keeps_first_repeat_when_images_differ():
+  a = (np.array([1, 2]), np.array([0, 1]), np.array([[0.9, 0.1], [0.3, 0.7]]))
+  b = (np.array([1, 2]), np.array([0, 1]), np.array([[0.1, 0.9], [0.3, 0.7]]))
+  c = (np.array([1, 3]), np.array([0, 1]), np.array([[0.9, 0.1], [0.3, 0.7]]))
+  ids, labels, preds, probs, note = stats.align_repeats([a, b])
+  np.testing.assert_array_equal(preds, [[0, 1], [1, 1]])
+  assert probs.shape == (2, 2, 2) and note == ''
+  _, _, preds, _, note = stats.align_repeats([a, c])
+  assert preds.shape == (1, 2) and 'first repeat' in note
+
+
+def test_pooled_estimate_averages_repeats_with_shared_resamples():
+  labels = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2, 2])
+  p0 = np.array([0, 0, 1, 1, 1, 2, 2, 2, 0, 2])
+  p1 = np.array([0, 1, 1, 1, 0, 2, 2, 2, 2, 2])
+  fn = metrics.balanced_accuracy
+  both = stats.pooled_estimate(labels, np.stack([p0, p1]), fn, 3, n_boot=300, seed=0)
+  expected = np.mean([skm.balanced_accuracy_score(labels, p) for p in (p0, p1)])
+  assert both['point'] == pytest.approx(expected)
+  assert both['low'] <= both['point'] <= both['high']
+  # Two identical repeats are one repeat: same point and the same interval (same resamples).
+  twice = stats.pooled_estimate(labels, np.stack([p0, p0]), fn, 3, n_boot=300, seed=0)
+  once = stats.pooled_estimate(labels, p0, fn, 3, n_boot=300, seed=0)
+  assert twice == pytest.approx(once)
+
+
+def test_paired_difference():
+  labels = np.array([0, 0, 1, 1, 1, 1])
+  a = np.array([0, 0, 1, 1, 1, 0])
+  same = stats.paired_difference(labels, a[None], a[None], metrics.accuracy, 2, n_boot=100,
+                                  seed=0)
+  assert same == {'point': 0.0, 'low': 0.0, 'high': 0.0}
+  b = np.array([1, 0, 1, 1, 0, 0])
+  diff = stats.paired_difference(labels, a[None], b[None], metrics.accuracy, 2, n_boot=100,
+                                  seed=0)
+  assert diff['point'] == pytest.approx(2 / 6)
+  assert diff['low'] <= diff['point'] <= diff['high']
 
 
 def test_mcnemar_by_hand():
@@ -239,11 +312,19 @@ def test_plots_write_png(tmp_path):
   plots.plot_class_histogram(counts, tmp_path / 'hist' / 'classes.png', title='class counts')
   assert_png(tmp_path / 'hist' / 'classes.png')
 
-  floats = np.random.default_rng(0).random((5, 8, 8, 3))
-  plots.save_image_grid(floats, tmp_path / 'grid.png', nrow=3, titles=list('abcde'))
-  assert_png(tmp_path / 'grid.png')
-  plots.save_image_grid((floats * 255).astype(np.uint8), tmp_path / 'grid_u8.png', nrow=5)
-  assert_png(tmp_path / 'grid_u8.png')
+  rows, cols, h, w = 2, 3, 8, 5
+  floats = np.random.default_rng(0).random((rows, cols, h, w, 3))
+  plots.save_image_grid(floats, tmp_path / 'grids' / 'grid.png')
+  assert_png(tmp_path / 'grids' / 'grid.png')
+  assert os.listdir(tmp_path / 'grids') == ['grid.png']  # no temporary file left
+  grid = np.asarray(Image.open(tmp_path / 'grids' / 'grid.png'))
+  # One pixel per pixel, 2 px white gaps around and between the images.
+  assert grid.shape == (rows * (h + 2) + 2, cols * (w + 2) + 2, 3)
+  np.testing.assert_array_equal(grid[2:2 + h, 2:2 + w],
+                                (floats[0, 0] * 255 + 0.5).astype(np.uint8))
+  assert (grid[:2] == 255).all() and (grid[:, 2 + w:4 + w] == 255).all()
+  with pytest.raises(ValueError, match='rows, cols'):
+    plots.save_image_grid(floats[0], tmp_path / 'bad.png')
 
 
 def test_format_duration_and_atomic_json(tmp_path):

@@ -162,7 +162,7 @@ def test_describe_cache_names_the_primitives():
 def test_auto_picks_onednn_on_cpu():
   if jax.default_backend() != 'cpu':
     pytest.skip('auto picks oneDNN on CPU only')
-  assert models._resolve_conv_impl('auto') == 'onednn'
+  assert models.resolve_conv_impl('auto') == 'onednn'
 
 
 def test_resnet_with_onednn_matches_xla():

@@ -12,6 +12,8 @@ import pytest
 
 from wbc_jax import ablation
 from wbc_jax import input_pipeline as ip
+from wbc_jax import rundir
+from wbc_jax.gan import sample as gan_sample
 from wbc_jax.gan import train as gan_train
 
 
@@ -30,7 +32,7 @@ def fake_gan(monkeypatch):
     return rng.uniform(size=(len(labels), height, width, 3)).astype(np.float32), labels
 
   monkeypatch.setattr(gan_train, 'train_gans', train_gans)
-  monkeypatch.setattr(gan_train, 'generate', generate)
+  monkeypatch.setattr(gan_sample, 'generate', generate)
   return seen
 
 
@@ -46,7 +48,7 @@ def _config(test_config, protocol, regimes):
 
 
 def _run_files(workdir, split, regime):
-  rdir = ablation.run_dir(workdir, 'frame', split, regime, 'cnn')
+  rdir = rundir.run_dir(workdir, 'frame', split, regime, 'cnn')
   with open(os.path.join(rdir, 'results.json')) as f:
     results = json.load(f)
   return results, np.load(os.path.join(rdir, 'predictions.npz'))

@@ -14,76 +14,17 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image
 from sklearn import metrics as skm
-from sklearn.model_selection import RepeatedStratifiedKFold, train_test_split
 
-from wbc_jax import metrics as metrics_lib
+from fake_workdirs import make_kfold_workdir, make_workdir
+from wbc_jax import cells
+from wbc_jax import names
 from wbc_jax import report
 from wbc_jax import stats
 from wbc_jax import utils
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CLASSES = ['EOSINOPHIL', 'LYMPHOCYTE', 'MONOCYTE', 'NEUTROPHIL']
 QUIET = dict(n_boot=200, log=lambda s: None)
-
-
-# ----------------------------------------------------------------------------- fake work dirs
-
-
-def _probs(rng, labels, skill, seeds=2):
-  """[seeds, N, 4] softmax probabilities whose argmax is right more often as skill grows."""
-  logits = rng.normal(size=(seeds, len(labels), len(CLASSES)))
-  logits[:, np.arange(len(labels)), labels] += skill
-  e = np.exp(logits)
-  return (e / e.sum(-1, keepdims=True)).astype(np.float32)
-
-
-def _write_run(workdir, view, split, regime, model, *, ids, labels, train_labels, probs,
-               protocol, extra=None):
-  rdir = os.path.join(workdir, view, split, regime.replace('+', '_'), model)
-  os.makedirs(rdir)
-  per_seed = [metrics_lib.classification_metrics(labels, p, CLASSES) for p in probs]
-  results = {
-      'model': model, 'split': split, 'seeds': list(range(len(probs))),
-      'n_train_real': len(train_labels), 'n_train_extra': 0, 'class_names': CLASSES,
-      'train_seconds': 1.5, 'view': view, 'regime': regime,
-      'splits': {'test': {
-          'per_seed': per_seed, 'seed_summary': metrics_lib.summarize_seeds(per_seed),
-          'ensemble': metrics_lib.classification_metrics(labels, probs.mean(0), CLASSES)}},
-      'majority_baseline': metrics_lib.majority_baseline(train_labels, labels, 4, CLASSES),
-  }
-  results.update(extra or {})
-  np.savez(os.path.join(rdir, 'predictions.npz'), test_probs=probs, test_labels=labels,
-           test_image_ids=ids)
-  utils.write_json(os.path.join(rdir, 'config.json'), {'split': {'protocol': protocol}})
-  utils.write_json(os.path.join(rdir, 'results.json'), results)
-
-
-def make_workdir(path, *, protocol='kfold', folds=3, repeats=2,
-                 regimes=('original', 'original+gan'), models=('cnn', 'cnn_rnn'), seed=0):
-  """A finished-looking ablation over 60 images (neutrophil the most frequent class)."""
-  labels = np.repeat([0, 1, 2, 3], [18, 10, 8, 24])
-  ids = np.arange(1000, 1000 + len(labels))
-  rng = np.random.default_rng(seed)
-  if protocol == 'kfold':
-    splitter = RepeatedStratifiedKFold(n_splits=folds, n_repeats=repeats, random_state=0)
-    splits = [(f'r{i // folds}_k{i % folds}', tr, te)
-              for i, (tr, te) in enumerate(splitter.split(ids, labels))]
-  else:
-    tr, te = train_test_split(np.arange(len(ids)), test_size=0.3, stratify=labels,
-                              random_state=0)
-    splits = [('holdout', tr, te)]
-  for name, tr, te in splits:
-    for i, regime in enumerate(regimes):
-      for j, model in enumerate(models):
-        _write_run(path, 'frame', name, regime, model, ids=ids[te], labels=labels[te],
-                   train_labels=labels[tr], probs=_probs(rng, labels[te], 0.3 + i + 0.6 * j),
-                   protocol=protocol)
-  utils.write_json(os.path.join(path, 'config.json'), {
-      'split': {'protocol': protocol, 'folds': folds, 'repeats': repeats}, 'num_seeds': 2,
-      'train': {'epochs': 1}, 'gan': {'kind': 'cond'}})
-  return str(path)
 
 
 def _runs_of(workdir, cell):
@@ -101,7 +42,7 @@ def _recompute_pooled(workdir, cell, score):
   """Mean over repeats of score(labels, preds) on each repeat's pool, with sklearn."""
   by_repeat = {}
   for split, _, z in _runs_of(workdir, cell):
-    by_repeat.setdefault(report.repeat_of(split), []).append(z)
+    by_repeat.setdefault(cells.repeat_of(split), []).append(z)
   values = []
   for parts in by_repeat.values():
     labels = np.concatenate([z['test_labels'] for z in parts])
@@ -121,28 +62,7 @@ def _row(markdown, *cells):
 @pytest.fixture(scope='module')
 def kfold_report(tmp_path_factory):
   """2 repeats x 3 folds, 2 regimes x 2 models, plus one LEAKY run and two GAN dirs."""
-  workdir = make_workdir(tmp_path_factory.mktemp('kfold'))
-  rng = np.random.default_rng(1)
-  labels = np.repeat([0, 1, 2, 3], [5, 5, 5, 5])
-  _write_run(workdir, 'frame', 'holdout', 'original+gan', 'cnn', ids=np.arange(20),
-             labels=labels, train_labels=np.repeat([0, 1, 2, 3], [20, 20, 20, 30]),
-             probs=_probs(rng, labels, 3.0), protocol='paper',
-             extra={'protocol': 'paper', 'leaky': True, 'test_synthetic_fraction': 0.75,
-                    'test_by_source': {'real': {'ensemble': {'accuracy': 0.4,
-                                                             'balanced_accuracy': 0.3}}}})
-  samples = os.path.join(workdir, 'frame', 'r0_k0', 'gan_cond', 'samples')
-  os.makedirs(samples)
-  Image.new('RGB', (8, 8)).save(os.path.join(samples, 'step_000002.png'))
-  utils.write_json(os.path.join(workdir, 'frame', 'r0_k0', 'gan_cond', 'measures.json'),
-                   {'kid': {'overall': {'mean': 0.012345}, 'per_class': {'MONOCYTE': 0.2}},
-                    'notes': ['KID is unbiased.']})
-  # A GAN's own classifier run (CAS) has a results.json too; it is not an ablation cell.
-  cas = os.path.join(workdir, 'frame', 'r0_k0', 'gan_cond', 'cas')
-  os.makedirs(cas)
-  utils.write_json(os.path.join(cas, 'results.json'), {'model': 'cnn'})
-  os.makedirs(os.path.join(workdir, 'frame', 'r0_k1', 'gan_cond'))
-  with open(os.path.join(workdir, 'frame', 'r0_k1', 'gan_cond', 'measures.json'), 'w') as f:
-    f.write('{"kid": ')  # half-written by a running job: skipped quietly
+  workdir = make_kfold_workdir(tmp_path_factory.mktemp('kfold'))
   data = report.write_report(workdir, **QUIET)
   with open(os.path.join(workdir, 'REPORT.md')) as f:
     markdown = f.read()
@@ -156,76 +76,10 @@ def _honest(data):
 # ----------------------------------------------------------------------------- pure functions
 
 
-@pytest.mark.filterwarnings('ignore:y_pred contains classes not in y_true')
-@pytest.mark.parametrize('seed', range(5))
-def test_fast_metrics_match_sklearn(seed):
-  rng = np.random.default_rng(seed)
-  labels = rng.choice(4, size=30, p=[0.1, 0.2, 0.0, 0.7])  # class 2 absent from the labels
-  preds = rng.integers(0, 4, size=30)
-  assert report.accuracy(labels, preds, 4) == pytest.approx(skm.accuracy_score(labels, preds))
-  assert report.balanced_accuracy(labels, preds, 4) == pytest.approx(
-      skm.balanced_accuracy_score(labels, preds))
-  assert report.macro_f1(labels, preds, 4) == pytest.approx(
-      skm.f1_score(labels, preds, average='macro', zero_division=0))
-  expected = skm.recall_score(labels, preds, labels=[0, 1, 3], average=None)
-  np.testing.assert_allclose(report.recalls(labels, preds, 4)[[0, 1, 3]], expected)
-  assert np.isnan(report.recalls(labels, preds, 4)[2])
-
-
 def test_repeat_of():
-  assert report.repeat_of('r0_k3') == 0
-  assert report.repeat_of('r2_k0') == 2
-  assert report.repeat_of('holdout') == 0
-
-
-def test_pool_repeat_sorts_by_image_and_rejects_duplicates():
-  parts = [(np.array([7, 3]), np.array([1, 0]), np.array([[0.2, 0.8], [0.9, 0.1]])),
-           (np.array([5]), np.array([1]), np.array([[0.4, 0.6]]))]
-  ids, labels, probs = report.pool_repeat(parts)
-  np.testing.assert_array_equal(ids, [3, 5, 7])
-  np.testing.assert_array_equal(labels, [0, 1, 1])
-  np.testing.assert_allclose(probs, [[0.9, 0.1], [0.4, 0.6], [0.2, 0.8]])
-  with pytest.raises(report.ReportError, match='more than once'):
-    report.pool_repeat(parts + [(np.array([3]), np.array([0]), np.array([[1.0, 0.0]]))])
-
-
-def test_align_repeats_keeps_first_repeat_when_images_differ():
-  a = (np.array([1, 2]), np.array([0, 1]), np.array([[0.9, 0.1], [0.3, 0.7]]))
-  b = (np.array([1, 2]), np.array([0, 1]), np.array([[0.1, 0.9], [0.3, 0.7]]))
-  c = (np.array([1, 3]), np.array([0, 1]), np.array([[0.9, 0.1], [0.3, 0.7]]))
-  ids, labels, preds, probs, note = report.align_repeats([a, b])
-  np.testing.assert_array_equal(preds, [[0, 1], [1, 1]])
-  assert probs.shape == (2, 2, 2) and note == ''
-  _, _, preds, _, note = report.align_repeats([a, c])
-  assert preds.shape == (1, 2) and 'first repeat' in note
-
-
-def test_pooled_estimate_averages_repeats_with_shared_resamples():
-  labels = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2, 2])
-  p0 = np.array([0, 0, 1, 1, 1, 2, 2, 2, 0, 2])
-  p1 = np.array([0, 1, 1, 1, 0, 2, 2, 2, 2, 2])
-  fn = report.balanced_accuracy
-  both = report.pooled_estimate(labels, np.stack([p0, p1]), fn, 3, n_boot=300, seed=0)
-  expected = np.mean([skm.balanced_accuracy_score(labels, p) for p in (p0, p1)])
-  assert both['point'] == pytest.approx(expected)
-  assert both['low'] <= both['point'] <= both['high']
-  # Two identical repeats are one repeat: same point and the same interval (same resamples).
-  twice = report.pooled_estimate(labels, np.stack([p0, p0]), fn, 3, n_boot=300, seed=0)
-  once = report.pooled_estimate(labels, p0, fn, 3, n_boot=300, seed=0)
-  assert twice == pytest.approx(once)
-
-
-def test_paired_difference():
-  labels = np.array([0, 0, 1, 1, 1, 1])
-  a = np.array([0, 0, 1, 1, 1, 0])
-  same = report.paired_difference(labels, a[None], a[None], report.accuracy, 2, n_boot=100,
-                                  seed=0)
-  assert same == {'point': 0.0, 'low': 0.0, 'high': 0.0}
-  b = np.array([1, 0, 1, 1, 0, 0])
-  diff = report.paired_difference(labels, a[None], b[None], report.accuracy, 2, n_boot=100,
-                                  seed=0)
-  assert diff['point'] == pytest.approx(2 / 6)
-  assert diff['low'] <= diff['point'] <= diff['high']
+  assert cells.repeat_of('r0_k3') == 0
+  assert cells.repeat_of('r2_k0') == 2
+  assert cells.repeat_of('holdout') == 0
 
 
 # ----------------------------------------------------------------------------- built reports
@@ -257,8 +111,8 @@ def test_mean_sd_over_splits_and_seeds(kfold_report):
 def test_markdown_rows_print_report_json(kfold_report):
   _, data, markdown = kfold_report
   for cell in _honest(data):
-    row = _row(markdown, 'frame', report.REGIME_NAMES[cell['regime']],
-               report.MODEL_NAMES[cell['model']])
+    row = _row(markdown, 'frame', names.REGIME_LABELS[cell['regime']],
+               names.MODEL_LABELS[cell['model']])
     for key in ('accuracy', 'balanced_accuracy', 'macro_f1'):
       assert f'| {report._mean_sd_text(cell["mean_sd"][key])} |' in row
       assert f'| {report._ci_text(cell["pooled"][key])} |' in row

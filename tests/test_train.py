@@ -11,8 +11,10 @@ import jax
 import numpy as np
 import pytest
 
+import config_sections
 from wbc_jax import ablation
 from wbc_jax import input_pipeline as ip
+from wbc_jax import rundir
 from wbc_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,7 +32,7 @@ def _run(cmd, **kw):
 
 
 def _test_metrics(workdir, regime='original', model='cnn'):
-  path = os.path.join(ablation.run_dir(workdir, 'frame', 'holdout', regime, model), 'results.json')
+  path = os.path.join(rundir.run_dir(workdir, 'frame', 'holdout', regime, model), 'results.json')
   with open(path) as f:
     return json.load(f)['splits']
 
@@ -49,7 +51,7 @@ def test_entry_point_end_to_end(full_run):
   assert 'ablation done' in stdout and 'img/s' in stdout and 'ETA' in stdout
   for regime in ('original', 'original+trad'):
     for model in ('cnn', 'cnn_rnn'):
-      rdir = ablation.run_dir(workdir, 'frame', 'holdout', regime, model)
+      rdir = rundir.run_dir(workdir, 'frame', 'holdout', regime, model)
       res = json.load(open(os.path.join(rdir, 'results.json')))
       test = res['splits']['test']
       assert test['ensemble']['n'] == 44  # every real test image counted once
@@ -78,7 +80,7 @@ def test_kill_and_restart_matches_uninterrupted(full_run, test_config, tmp_path)
   cmd = _main_cmd(test_config, killed, *ONLY_CNN)
   proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, start_new_session=True)
-  ckpt = os.path.join(ablation.run_dir(killed, 'frame', 'holdout', 'original', 'cnn'),
+  ckpt = os.path.join(rundir.run_dir(killed, 'frame', 'holdout', 'original', 'cnn'),
                       'checkpoints', '1')
   deadline = time.time() + 300
   while not os.path.isdir(ckpt) and proc.poll() is None and time.time() < deadline:
@@ -145,7 +147,7 @@ def _extract_smear(manual_dir, tmp_path, number=0):
 
 def test_predict_cli_writes_csv(full_run, test_config, tmp_path):
   workdir, _ = full_run
-  rdir = ablation.run_dir(workdir, 'frame', 'holdout', 'original', 'cnn')
+  rdir = rundir.run_dir(workdir, 'frame', 'holdout', 'original', 'cnn')
   preds = np.load(os.path.join(rdir, 'predictions.npz'))
   # A test image of the run, whichever the split makes it: the CLI must reproduce the run's
   # own evaluation of that image (the mean of the seeds' probabilities).
@@ -158,7 +160,7 @@ def test_predict_cli_writes_csv(full_run, test_config, tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   import csv
   from wbc_jax import predict
-  class_names = list(predict.load_run(rdir)[1])
+  class_names = rundir.restore_run(rdir).class_names
   assert class_names == ['EOSINOPHIL', 'LYMPHOCYTE', 'MONOCYTE', 'NEUTROPHIL']
   rows = list(csv.DictReader(open(out)))
   assert len(rows) == 1 and rows[0]['image'] == str(smear)
@@ -176,7 +178,7 @@ def test_tested_parameters_are_those_of_the_first_best_validation_epoch(full_run
   workdir, _ = full_run
   for regime in ('original', 'original+trad'):
     for model in ('cnn', 'cnn_rnn'):
-      rdir = ablation.run_dir(workdir, 'frame', 'holdout', regime, model)
+      rdir = rundir.run_dir(workdir, 'frame', 'holdout', regime, model)
       results = json.load(open(os.path.join(rdir, 'results.json')))
       history = [json.loads(line) for line in open(os.path.join(rdir, 'metrics.jsonl'))]
       val = np.array([row['val_acc'] for row in history])  # [epochs, seeds]
@@ -229,26 +231,24 @@ def test_gan_regime_keeps_synthetic_images_out_of_evaluation(test_config, tmp_pa
   seen = [img.tobytes() for batch in evaluated_images for img in batch]
   assert seen and not set(seen) & fake
   assert set(seen) <= real
-  preds = np.load(os.path.join(ablation.run_dir(workdir, 'frame', 'holdout', 'original+gan', 'cnn'),
+  preds = np.load(os.path.join(rundir.run_dir(workdir, 'frame', 'holdout', 'original+gan', 'cnn'),
                                'predictions.npz'))
   np.testing.assert_array_equal(preds['test_image_ids'], examples.image_ids[split.test])
   np.testing.assert_array_equal(preds['val_image_ids'], examples.image_ids[split.val])
 
 
 def test_epoch_steps_basis_all_counts_synthetic_images_and_real_does_not():
-  import ml_collections
-  from wbc_jax import train
-  tc = ml_collections.ConfigDict({'batch_size': 32, 'max_steps_per_epoch': -1,
-                                  'steps_per_epoch_basis': 'all'})
-  assert train.epoch_steps(tc, num_real=165, num_extra=1035) == 38  # ceil(1200 / 32)
+  tc = config_sections.section('train', batch_size=32, max_steps_per_epoch=-1,
+                               steps_per_epoch_basis='all')
+  assert ip.epoch_steps(tc, num_real=165, num_extra=1035) == 38  # ceil(1200 / 32)
   tc.steps_per_epoch_basis = 'real'
-  assert train.epoch_steps(tc, num_real=165, num_extra=1035) == 6   # ceil(165 / 32)
-  assert train.epoch_steps(tc, num_real=165, num_extra=0) == 6
+  assert ip.epoch_steps(tc, num_real=165, num_extra=1035) == 6   # ceil(165 / 32)
+  assert ip.epoch_steps(tc, num_real=165, num_extra=0) == 6
   tc.max_steps_per_epoch = 4
-  assert train.epoch_steps(tc, num_real=165, num_extra=1035) == 4
+  assert ip.epoch_steps(tc, num_real=165, num_extra=1035) == 4
   tc.steps_per_epoch_basis = 'synthetic'
   with pytest.raises(ValueError, match='steps_per_epoch_basis'):
-    train.epoch_steps(tc, num_real=165, num_extra=0)
+    ip.epoch_steps(tc, num_real=165, num_extra=0)
 
 
 def test_gan_regimes_refuse_several_processes(test_config, monkeypatch):

@@ -9,11 +9,12 @@ import os
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 
+import config_sections
+from wbc_jax import evaluation
 from wbc_jax import input_pipeline as ip
 from wbc_jax import train
 
@@ -46,7 +47,7 @@ def test_class_weights_are_inverse_class_frequencies():
   np.testing.assert_allclose(train.class_weights_for(labels, 3, True), [4 / 9, 4 / 3, 0],
                              rtol=1e-6)
   np.testing.assert_array_equal(train.class_weights_for(labels, 3, False), [1, 1, 1])
-  tc = ml_collections.ConfigDict({'class_weighting': True})
+  tc = config_sections.section('train', class_weighting=True)
   np.testing.assert_allclose(train.loss_constants(labels, 3, tc)['class_weights'],
                              [4 / 9, 4 / 3, 0], rtol=1e-6)
 
@@ -81,7 +82,7 @@ def test_train_step_weights_each_example_by_its_class():
 
 
 def _updates(train_config, grads, params):
-  tx = train.make_optimizer(ml_collections.ConfigDict(train_config))
+  tx = train.make_optimizer(config_sections.section('train', **train_config))
   state = tx.init(params)
   out = []
   for g in grads:
@@ -117,8 +118,8 @@ def test_adamw_decays_the_weights_and_adam_does_not():
 
 def test_unknown_optimizer_names_the_field():
   with pytest.raises(ValueError, match="config.train.optimizer: unknown optimizer 'rmsprop'"):
-    train.make_optimizer(ml_collections.ConfigDict({'optimizer': 'rmsprop',
-                                                    'learning_rate': 0.1}))
+    train.make_optimizer(config_sections.section('train', optimizer='rmsprop',
+                                                 learning_rate=0.1))
 
 
 def test_select_best_keeps_each_seeds_own_best_epoch():
@@ -128,7 +129,7 @@ def test_select_best_keeps_each_seeds_own_best_epoch():
   state = jax.vmap(lambda k: train.create_train_state(k, model=_Linear(), tx=tx,
                                                       image_shape=(2, 2, 3)))(
       jax.random.split(jax.random.PRNGKey(0), 2))
-  select = jax.jit(jax.vmap(train.select_best))
+  select = jax.jit(jax.vmap(evaluation.select_best))
   scores = {1: [0.5, 0.9], 2: [0.7, 0.9], 3: [0.7, 0.6], 4: [0.6, 0.95]}
   for epoch, score in scores.items():
     # This epoch's parameters are marked with its number.

@@ -1,14 +1,10 @@
 """The ablation driver: views x splits x regimes x models, each a run of S seeds.
 
-Work directory layout:
-  WORKDIR/config.json
-  WORKDIR/<view>/splits.json                 the image_ids of every split (for audits)
-  WORKDIR/<view>/<split>/<regime>/<model>/   one run: checkpoints/, metrics.jsonl,
-      tensorboard/, predictions.npz, learning_curves.png, confusion_test.png,
-      results.json (written atomically, last: its presence marks the run complete)
-  WORKDIR/<view>/<split>/gan_<kind>/         a split's GAN, synthetic.npz, and (with
-      synthetic.measures) measures.json and its figures (wbc_jax.gan.measures)
-  WORKDIR/summary.json, WORKDIR/summary.md   one row per run, rebuilt at the end
+The work directory's layout (one directory per run, per split's GAN, the summary and the
+report) is `wbc_jax.rundir`'s; the regimes and models are `wbc_jax.names`'s. After the runs,
+with config.synthetic.measures, each split's synthetic images are measured
+(`wbc_jax.measures`); then WORKDIR/summary.json and summary.md (one row per run) are rebuilt
+and the report is written (`wbc_jax.report`).
 
 split.protocol='paper' is the published study's LEAKY pipeline (`paper_pool`): in
 its GAN regimes the test split holds synthetic images; such results and summary rows
@@ -22,42 +18,36 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
+import jax
 import numpy as np
 
+from wbc_jax import floor
 from wbc_jax import input_pipeline as ip
+from wbc_jax import measures
 from wbc_jax import metrics as metrics_lib
-from wbc_jax import models
+from wbc_jax import names
+from wbc_jax import report
+from wbc_jax import rundir
 from wbc_jax import sharding
 from wbc_jax import train
 from wbc_jax import utils
+from wbc_jax.gan import sample as gan_sample
+from wbc_jax.gan import train as gan_train
 
-KNOWN_REGIMES = ('original', 'original+trad', 'original+gan', 'original+gan+trad')
-# Models that are not networks: the non-deep floor (wbc_jax.floor), trained on the same splits.
-FLOOR_MODELS = ('floor',)
 # How every result of the paper protocol whose test split holds synthetic images is marked.
 LEAKY_NOTE = 'LEAKY (test includes synthetic images)'
-
-
-def uses_trad(regime: str) -> bool:
-  return regime.endswith('+trad')
-
-
-def uses_gan(regime: str) -> bool:
-  return '+gan' in regime
 
 
 def validate(config) -> None:
   """Fails early, with the field's name, on names the driver does not know."""
   for regime in config.ablation.regimes:
-    if regime not in KNOWN_REGIMES:
-      raise ValueError(f'config.ablation.regimes: unknown regime {regime!r}; expected one of '
-                       f'{", ".join(KNOWN_REGIMES)}.')
+    names.regime(regime)
   for model in config.ablation.models:
-    if model not in models.MODEL_NAMES + FLOOR_MODELS:
+    if model not in names.MODEL_NAMES:
       raise ValueError(f'config.ablation.models: unknown model {model!r}; expected one of '
-                       f'{", ".join(models.MODEL_NAMES + FLOOR_MODELS)}.')
+                       f'{", ".join(names.MODEL_NAMES)}.')
   for view in config.ablation.views:
     if view not in ip.VIEWS:
       raise ValueError(f'config.ablation.views: unknown view {view!r}; expected one of '
@@ -67,11 +57,13 @@ def validate(config) -> None:
                      f'expected one of {", ".join(ip.PROTOCOLS)}.')
   if config.num_seeds < 1:
     raise ValueError(f'config.num_seeds must be >= 1, got {config.num_seeds}.')
-  gan_work = [r for r in config.ablation.regimes if uses_gan(r)]
+  gan_work = [r for r in config.ablation.regimes if names.regime(r).gan]
   if gan_work:
-    from wbc_jax.gan import train as gan_train
     gan_train.check_gan_config(config.gan)
-  if config.synthetic.get('measures', False):
+    _check_resolution(config.gan.resolution, 'config.gan.resolution')
+    for view, resolution in config.gan.resolution_by_view.items():
+      _check_resolution(resolution, f'config.gan.resolution_by_view.{view}')
+  if config.synthetic.measures:
     gan_work.append('synthetic.measures')
   if gan_work and sharding.process_count() > 1:
     # GAN training and the measures are single-process code: under several processes each
@@ -81,8 +73,20 @@ def validate(config) -> None:
                      'measures) in one process, or drop them from config.ablation.regimes.')
 
 
-def run_dir(workdir: str, view: str, split: str, regime: str, model: str) -> str:
-  return os.path.join(workdir, view, split, regime.replace('+', '_'), model)
+def _check_resolution(resolution, name: str) -> None:
+  resolution = tuple(resolution)
+  if resolution and (len(resolution) != 2 or any(int(r) != r or r < 4 or r % 4
+                                                 for r in resolution)):
+    raise ValueError(f'{name}: expected () or (height, width), each a positive multiple of '
+                     f'4, got {resolution!r}')
+
+
+def gan_resolution(gan_config, view: str, size: Sequence[int]) -> tuple[int, int]:
+  """(height, width) a GAN of `view` trains at: gan_config.resolution_by_view[view], else
+  gan_config.resolution, else `size` (the classifier's input); () means "not set"."""
+  chosen = (tuple(gan_config.resolution_by_view.get(view, ())) or tuple(gan_config.resolution)
+            or tuple(size))
+  return int(chosen[0]), int(chosen[1])
 
 
 def run(config, workdir: str, log: Callable = print) -> list[dict]:
@@ -90,7 +94,8 @@ def run(config, workdir: str, log: Callable = print) -> list[dict]:
   validate(config)
   os.makedirs(workdir, exist_ok=True)
   if sharding.is_primary():  # one writer; with several processes all compute the same
-    utils.write_atomic(os.path.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
+    utils.write_atomic(os.path.join(workdir, rundir.CONFIG),
+                       config.to_json_best_effort(indent=2))
   t0 = time.time()
   jobs = []
   for view in config.ablation.views:
@@ -102,7 +107,7 @@ def run(config, workdir: str, log: Callable = print) -> list[dict]:
     if config.split.max_splits > 0:
       splits = splits[:config.split.max_splits]
     if sharding.is_primary():
-      utils.write_json(os.path.join(workdir, view, 'splits.json'), {
+      utils.write_json(rundir.splits_path(workdir, view), {
           s.name: {part: examples.image_ids[getattr(s, part)].tolist()
                    for part in ('train', 'val', 'test')} for s in splits})
     for split in splits:
@@ -112,40 +117,33 @@ def run(config, workdir: str, log: Callable = print) -> list[dict]:
 
   rows = []
   for i, (view, examples, split, regime, model) in enumerate(jobs):
-    rdir = run_dir(workdir, view, split.name, regime, model)
-    results_path = os.path.join(rdir, 'results.json')
+    rdir = rundir.run_dir(workdir, view, split.name, regime, model)
+    results_path = os.path.join(rdir, rundir.RESULTS)
     tag = f'[{i + 1}/{len(jobs)}] {view} {split.name} {regime} {model}'
     if os.path.exists(results_path):
       log(f'{tag}: complete, skipped')
       results = utils.read_json(results_path)
     else:
       extra, run_examples, run_split = None, examples, split
-      leaky = uses_gan(regime) and config.split.protocol == 'paper'
+      uses = names.regime(regime)
+      leaky = uses.gan and config.split.protocol == 'paper'
       if leaky:
         run_examples, run_split = paper_pool(config, workdir, view, examples, log)
         log(f'{tag}: training {config.num_seeds} seeds x {config.train.epochs} epochs on '
             f'{len(run_split.train)} pooled images; {LEAKY_NOTE}: val {len(run_split.val)} and '
             f'test {len(run_split.test)} images drawn from the pool of real and synthetic images')
       else:
-        if uses_gan(regime):
+        if uses.gan:
           extra = synthetic_images(config, workdir, view, examples, split, log)
         n_extra = 0 if extra is None else len(extra[1])
         log(f'{tag}: training {config.num_seeds} seeds x {config.train.epochs} epochs '
             f'on {len(split.train)} real' + (f' + {n_extra} synthetic' if extra is not None else '')
             + f' images (val {len(split.val)}, test {len(split.test)}: real only)')
-      run_config = config.copy_and_resolve_references()
-      with run_config.unlocked():
-        run_config.data.view = view
-        run_config.model = model
-        run_config.regime = regime
-      if model in FLOOR_MODELS:
-        from wbc_jax import floor  # scikit-learn on hand-made features: no JAX program
-        train_fn = floor.train_and_evaluate
-      else:
-        train_fn = train.train_and_evaluate
+      # The floor is scikit-learn on hand-made features, with the same signature.
+      train_fn = floor.train_and_evaluate if model == floor.NAME else train.train_and_evaluate
       results = train_fn(
-          run_config, rdir, examples=run_examples, split=run_split, model_name=model,
-          augment=uses_trad(regime), extra=extra, log=log)
+          rundir.run_config(config, view, regime, model), rdir, examples=run_examples,
+          split=run_split, model_name=model, augment=uses.trad, extra=extra, log=log)
       results.update(view=view, regime=regime)
       if config.split.protocol == 'paper':
         results.update(paper_labels(rdir, run_examples, run_split))
@@ -156,13 +154,11 @@ def run(config, workdir: str, log: Callable = print) -> list[dict]:
     row = rows[-1]
     log(f'{tag}: test acc {row["test_acc_mean"]:.3f} (ensemble {row["test_acc_ens"]:.3f}),'
         f' balanced {row["test_bacc_mean"]:.3f}; elapsed {utils.format_duration(elapsed)}')
-  if config.synthetic.get('measures', False):
-    from wbc_jax.gan import measures  # after every split's 'original' CNN has trained
+  if config.synthetic.measures:  # after every split's 'original' CNN has trained
     measures.measure_workdir(workdir, config=config, log=log)
   write_summary(workdir, rows, config)
   if sharding.is_primary():  # the report reads results.json, which process 0 writes
-    from wbc_jax import report  # here: matplotlib and the statistics are not needed to train
-    report.write_report(workdir, command=report.invocation(), log=log)
+    report.write_report(workdir, command=utils.invocation(), log=log)
   log(f'ablation done in {utils.format_duration(time.time() - t0)}: '
       f'{os.path.join(workdir, "summary.md")}')
   return rows
@@ -178,32 +174,30 @@ def synthetic_images(config, workdir: str, view: str, examples: ip.Examples, spl
   split reuses it. Each class is topped up to `synthetic.target_per_class` training
   images.
   """
-  from wbc_jax.gan import train as gan_train
-  import jax
-  gan_dir = os.path.join(workdir, view, split.name, f'gan_{config.gan.kind}')
-  cache = os.path.join(gan_dir, 'synthetic.npz')
+  gan_dir = rundir.gan_dir(workdir, view, split.name, config.gan.kind)
+  cache = os.path.join(gan_dir, rundir.SYNTHETIC)
   if os.path.exists(cache):
     with np.load(cache) as z:
       return z['images'], z['labels']
   num_classes = len(examples.class_names)
   real_x, real_y = examples.images[split.train], examples.labels[split.train]
   size = tuple(real_x.shape[1:3])
-  gan_size = gan_train.resolution_for(config.gan, view, size)
+  gan_size = gan_resolution(config.gan, view, size)
   at = ('' if gan_size == size else
         f' at {gan_size[0]}x{gan_size[1]} (resized from {size[0]}x{size[1]})')
   log(f'  GAN ({config.gan.kind}, {config.gan.steps} steps) on {len(real_y)} training images '
       f'of {view} {split.name}{at}')
-  gan_x = gan_train.resize_images(real_x.astype(np.float32) / 255.0, gan_size)
+  gan_x = gan_sample.resize_images(real_x.astype(np.float32) / 255.0, gan_size)
   state = gan_train.train_gans(config.gan, gan_x, real_y,
                                num_classes=num_classes, seeds=[config.synthetic.gan_seed],
                                workdir=gan_dir, log=lambda s: log('    ' + s))
   counts = np.bincount(real_y, minlength=num_classes)
   need = np.maximum(config.synthetic.target_per_class - counts, 0)
   key = jax.random.fold_in(jax.random.PRNGKey(config.synthetic.gan_seed), 0x5A4D)
-  images, labels = gan_train.generate(state, config.gan, num_per_class=need.tolist(), key=key,
+  images, labels = gan_sample.generate(state, config.gan, num_per_class=need.tolist(), key=key,
                                       height=gan_size[0], width=gan_size[1],
                                       num_classes=num_classes)
-  images = gan_train.resize_images(images, size)  # the classifier's input size
+  images = gan_sample.resize_images(images, size)  # the classifier's input size
   images = np.clip(np.round(images * 255.0), 0, 255).astype(np.uint8)
   buf_path = cache + '.tmp.npz'
   np.savez(buf_path, images=images, labels=labels)
@@ -228,7 +222,7 @@ def paper_pool(config, workdir: str, view: str, examples: ip.Examples,
   images, labels = synthetic_images(config, workdir, view, examples, everything, log)
   pool = ip.pool_with_synthetic(examples, images, labels)
   (split,) = ip.make_splits(pool.labels, config.split)
-  gan_dir = os.path.join(workdir, view, 'paper', f'gan_{config.gan.kind}')
+  gan_dir = rundir.gan_dir(workdir, view, 'paper', config.gan.kind)
   utils.write_json(os.path.join(gan_dir, 'pool_split.json'),
                    {part: pool.image_ids[getattr(split, part)].tolist()
                     for part in ('train', 'val', 'test')})
@@ -251,7 +245,7 @@ def paper_labels(rdir: str, examples: ip.Examples, split: ip.Split) -> dict:
     # train_and_evaluate counts the whole pooled training split as real.
     in_train = examples.is_synthetic[split.train]
     out.update(n_train_real=int((~in_train).sum()), n_train_extra=int(in_train.sum()))
-  with np.load(os.path.join(rdir, 'predictions.npz')) as z:
+  with np.load(os.path.join(rdir, rundir.PREDICTIONS)) as z:
     probs, labels = z['test_probs'], z['test_labels']
   out['test_by_source'] = {}
   for source, mask in (('real', ~synthetic), ('synthetic', synthetic)):

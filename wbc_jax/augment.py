@@ -62,15 +62,12 @@ class AugmentSpec:
   def from_config(cls, aug) -> 'AugmentSpec':
     """From a config's `augment` group; `color_jitter` sets the four colour fields at once,
     as the tf.data augmentation reads it (hue: color_jitter / 4)."""
-    j = float(aug.get('color_jitter', 0.0))
+    j = float(aug.color_jitter)
     return cls(
         hflip=bool(aug.hflip), vflip=bool(aug.vflip), rot90=bool(aug.rot90),
-        rotation_deg=float(aug.rotation_deg), scale=float(aug.get('scale', 0.0)),
-        shift=float(aug.get('shift', 0.0)),
-        brightness=float(aug.get('brightness', 0.0)) or j,
-        contrast=float(aug.get('contrast', 0.0)) or j,
-        saturation=float(aug.get('saturation', 0.0)) or j,
-        hue=float(aug.get('hue', 0.0)) or j / 4)
+        rotation_deg=float(aug.rotation_deg), scale=float(aug.scale), shift=float(aug.shift),
+        brightness=float(aug.brightness) or j, contrast=float(aug.contrast) or j,
+        saturation=float(aug.saturation) or j, hue=float(aug.hue) or j / 4)
 
   @property
   def geometric(self) -> bool:
@@ -202,7 +199,7 @@ def check_impl(impl: str, aug) -> None:
                      f"{', '.join(IMPLS)}.")
   if impl == 'tfdata':
     extra = [f for f in ('scale', 'shift', 'brightness', 'contrast', 'saturation', 'hue')
-             if float(aug.get(f, 0.0)) > 0]
+             if float(aug[f]) > 0]
     if extra:
       raise ValueError(f"config.augment.{extra[0]}: only config.augment.impl='jax' implements "
                        "it; the tf.data augmentation has hflip, vflip, rot90, rotation_deg and "

@@ -48,6 +48,13 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from wbc_jax import metrics as metrics_lib
+from wbc_jax import plots
+from wbc_jax import utils
+
+# The floor's name in configs and run directories, and in the report's tables.
+NAME = 'floor'
+LABEL = 'non-deep floor'
 # Otsu's threshold on the violet score is never taken below this: a nucleus is at least this
 # violet (~50-100 at its core); cytoplasm, granules and red cells mostly score below 15.
 MIN_VIOLET = 30.0
@@ -353,7 +360,6 @@ def fit_select(train_f: np.ndarray, train_y: np.ndarray, val_f: np.ndarray, val_
   """Fits every candidate on the training features [N, F] and labels [N], scores each by
   balanced accuracy on the validation ones. Returns (chosen name, its fitted model,
   {name: validation balanced accuracy})."""
-  from wbc_jax import metrics as metrics_lib
   if len(np.unique(train_y)) < 2:
     raise ValueError('the floor classifier needs at least two classes in the training split, '
                      f'got {np.unique(train_y).tolist()}.')
@@ -362,7 +368,7 @@ def fit_select(train_f: np.ndarray, train_y: np.ndarray, val_f: np.ndarray, val_
     model.fit(train_f, train_y)
     preds = predict_proba(model, val_f, num_classes).argmax(-1)
     fitted[name] = model
-    scores[name] = metrics_lib.balanced_accuracy(val_y, preds)
+    scores[name] = metrics_lib.balanced_accuracy(val_y, preds, num_classes)
   # max keeps the first maximum: on a tie the simpler (earlier) candidate.
   chosen = max(scores, key=scores.get)
   return chosen, fitted[chosen], scores
@@ -381,7 +387,7 @@ def _num_params(model) -> int:
   return int(lr.coef_.size + lr.intercept_.size)
 
 
-def train_and_evaluate(config, workdir: str, *, examples, split, model_name: str = 'floor',
+def train_and_evaluate(config, workdir: str, *, examples, split, model_name: str = NAME,
                        augment: bool = False, extra=None, log: Callable = print) -> dict:
   """Fits the floor classifier on one split; writes its files to `workdir`.
 
@@ -398,10 +404,6 @@ def train_and_evaluate(config, workdir: str, *, examples, split, model_name: str
   metrics.jsonl (one line: the candidates' validation scores) and confusion_test.png.
   Adds to the deep runs' keys: 'floor': {'chosen', 'val_balanced_accuracy': {name: value}}.
   """
-  from wbc_jax import metrics as metrics_lib
-  from wbc_jax import plots
-  from wbc_jax import train as train_lib
-  from wbc_jax import utils
   t0 = time.time()
   os.makedirs(workdir, exist_ok=True)
   utils.write_atomic(os.path.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
@@ -436,7 +438,7 @@ def train_and_evaluate(config, workdir: str, *, examples, split, model_name: str
     idx = getattr(split, name)
     y = labels[idx]
     probs = predict_proba(model, feats[idx], num_classes)[None]  # [1, N, C]
-    results['splits'][name] = train_lib._split_metrics(y, probs, class_names)
+    results['splits'][name] = metrics_lib.split_metrics(y, probs, class_names)
     if name == 'val':
       results['best_val_accuracy'] = [float((probs[0].argmax(-1) == y).mean())]
     if name != 'train':

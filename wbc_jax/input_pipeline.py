@@ -180,27 +180,30 @@ def window_crops(frames: np.ndarray, boxes, window_px: int) -> np.ndarray:
 
 
 def check_crop_mode(data_config) -> str:
-  mode = data_config.get('crop_mode', 'box')
+  mode = data_config.crop_mode
   if mode not in CROP_MODES:
     raise ValueError(f"config.data.crop_mode: unknown mode {mode!r}; expected one of "
                      f"{', '.join(CROP_MODES)}.")
   return mode
 
 
+def image_size(data_config) -> tuple[int, int]:
+  """(height, width) of the images of `data_config.view`."""
+  check_view(data_config.view)
+  if data_config.view == 'frame':
+    return tuple(data_config.frame_size)
+  return (data_config.crop_size, data_config.crop_size)
+
+
 def make_view(raw: dict, data_config) -> Examples:
   """Resizes frames or crops WBCs; returns uint8 images of the view's size."""
-  view = data_config.view
-  check_view(view)
-  frames = raw['images']
-  if view == 'frame':
-    size = tuple(data_config.frame_size)
+  size, frames = image_size(data_config), raw['images']
+  if data_config.view == 'frame':
     out = tf.image.resize(frames, size, method='area')
   elif check_crop_mode(data_config) == 'window':
-    size = (data_config.crop_size, data_config.crop_size)
     out = tf.image.resize(window_crops(frames, raw['boxes'], data_config.window_px), size,
                           method='area')
   else:
-    size = (data_config.crop_size, data_config.crop_size)
     h, w = frames.shape[1:3]
     crops = np.stack([crop_box(b, data_config.crop_margin, (h, w)) for b in raw['boxes']])
     norm = crops / np.array([h, w, h, w])
@@ -384,6 +387,31 @@ def balanced_epoch_indices(labels: np.ndarray, batch_size: int, steps: int, seed
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
   return -(-num_examples // batch_size)
+
+
+def epoch_steps(train_config, *, num_real: int, num_extra: int) -> int:
+  """Optimizer steps per epoch of one seed.
+
+  train_config.steps_per_epoch_basis: 'all' (the paper's) makes an epoch one pass over the
+  real and synthetic training images; 'real' makes it as many steps as one pass over the real
+  images, each epoch's batches drawn from a fresh permutation of the whole pool, so a regime
+  with synthetic images gets the same number of updates as one without ('all' gives a class
+  topped up to 300 images about five times more). max_steps_per_epoch > 0 caps either.
+  """
+  fixed = int(train_config.steps_per_epoch)
+  if fixed > 0:
+    # An epoch of fixed length: the evaluation period of a schedule counted in updates.
+    return fixed if train_config.max_steps_per_epoch <= 0 else min(
+        fixed, train_config.max_steps_per_epoch)
+  basis = train_config.steps_per_epoch_basis
+  if basis not in ('all', 'real'):
+    raise ValueError(f"config.train.steps_per_epoch_basis: unknown value {basis!r}; expected "
+                     "'all' or 'real'.")
+  n = num_real + num_extra if basis == 'all' else num_real
+  steps = steps_per_epoch(n, train_config.batch_size)
+  if train_config.max_steps_per_epoch > 0:
+    steps = min(steps, train_config.max_steps_per_epoch)
+  return steps
 
 
 def train_batches(images: np.ndarray, labels: np.ndarray, *, seeds, epoch: int, batch_size: int,

@@ -35,7 +35,9 @@ from wbc_jax import onednn_conv
 Array = jax.Array
 Initializer = Callable[..., Array]
 
-MODEL_NAMES = ('cnn', 'cnn_rnn', 'resnet', 'cellnet')
+# The networks `get_model` builds, with their names in the report's tables.
+MODEL_LABELS = {'cnn': 'CNN', 'cnn_rnn': 'CNN-RNN', 'resnet': 'ResNet', 'cellnet': 'cellnet'}
+MODEL_NAMES = tuple(MODEL_LABELS)
 CONV_IMPLS = ('xla', 'matmul', 'onednn', 'auto')
 PADDINGS = ('VALID', 'SAME')
 
@@ -56,8 +58,9 @@ def count_params(params: Any) -> int:
 _logged_auto_choice: set[tuple[str, str]] = set()
 
 
-def _resolve_conv_impl(conv_impl: str) -> str:
-  """Maps 'auto' to the fastest implementation on the current backend; validates the name.
+def resolve_conv_impl(conv_impl: str) -> str:
+  """The implementation `conv_impl` runs as here ('xla' | 'matmul' | 'onednn'): 'auto' is
+  mapped to the fastest one on the current backend; the name is validated.
 
   'auto' is 'onednn' on CPU when its library loads, else 'matmul' there, and 'xla' on GPU and
   TPU; the choice is logged once per process. An explicit 'onednn' that cannot run raises.
@@ -153,7 +156,7 @@ class Conv3x3(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     """[batch, height, width, cin] -> [batch, out_height, out_width, features]."""
-    impl = _resolve_conv_impl(self.conv_impl)
+    impl = resolve_conv_impl(self.conv_impl)
     if self.padding not in PADDINGS:
       raise ValueError(
           f"unknown padding {self.padding!r}; expected one of {', '.join(PADDINGS)}"
@@ -507,14 +510,9 @@ _MODELS: dict[str, Callable[..., nn.Module]] = {
     'cnn': CNN, 'cnn_rnn': CNNRNN, 'resnet': ResNet, 'cellnet': CellNet}
 
 
-def resolve_conv_impl(conv_impl: str) -> str:
-  """The implementation `conv_impl` ('auto' included) runs as here: 'xla' | 'matmul' | 'onednn'."""
-  return _resolve_conv_impl(conv_impl)
-
-
 def get_model(name: str, *, num_classes: int, conv_impl: str = 'auto', **kwargs) -> nn.Module:
   """Builds the model called `name` (one of `MODEL_NAMES`); kwargs go to its constructor."""
   if name not in _MODELS:
     raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODEL_NAMES)}")
-  _resolve_conv_impl(conv_impl)  # fail here rather than at the first trace
+  resolve_conv_impl(conv_impl)  # fail here rather than at the first trace
   return _MODELS[name](num_classes=num_classes, conv_impl=conv_impl, **kwargs)

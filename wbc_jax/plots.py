@@ -1,4 +1,5 @@
-"""Figures for reports: learning curves, confusion matrices, class counts, image grids.
+"""Figures for reports: learning curves, confusion matrices, class counts, intervals, and
+grids of images.
 
 Each function writes one PNG and keeps no figure alive. Figures are built with
 `matplotlib.figure.Figure`, which renders through the Agg canvas, rather than with `pyplot`:
@@ -8,7 +9,6 @@ backend a caller (or a notebook) has selected.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping, Sequence
 
@@ -16,6 +16,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+from PIL import Image
 from sklearn.metrics import ConfusionMatrixDisplay
 
 _SPLIT_STYLES = {
@@ -126,6 +127,16 @@ def plot_confusion_matrix(
   _save(fig, path)
 
 
+def plot_run(workdir, history: Sequence[Mapping], results: Mapping, class_names) -> None:
+  """A classifier run's figures: WORKDIR/learning_curves.png and confusion_test.png (the seed
+  ensemble's test confusion matrix, from results.json's contents)."""
+  plot_learning_curves(history, os.path.join(workdir, 'learning_curves.png'),
+                       title=f'{results["model"]} ({results["split"]})')
+  cm = np.asarray(results['splits']['test']['ensemble']['confusion_matrix'])
+  plot_confusion_matrix(cm, list(class_names), os.path.join(workdir, 'confusion_test.png'),
+                        title=f'{results["model"]}: test, seed ensemble')
+
+
 def plot_class_histogram(split_counts: Mapping[str, Mapping[str, int]], path, *,
                          title: str) -> None:
   """Grouped bars: per class, one bar per split, with the count written on each bar.
@@ -153,33 +164,61 @@ def plot_class_histogram(split_counts: Mapping[str, Mapping[str, int]], path, *,
   _save(fig, path)
 
 
-def save_image_grid(images, path, *, nrow: int, titles: Sequence[str] | None = None) -> None:
-  """A grid of images, e.g. generator samples.
+def plot_intervals(labels: Sequence[str], points, lows, highs, baselines, path, *,
+                   xlabel: str, title: str, interval_label: str, baseline_label: str) -> None:
+  """Point chart of estimates with intervals, one row per label (the first at the top), each
+  with a baseline marker; values in percent, on a 0-100 axis.
 
   Args:
-    images: [N, H, W, 3] floats in [0, 1] (clipped) or uint8.
+    labels: the row names.
+    points, lows, highs: [rows] estimates and interval ends.
+    baselines: [rows] one reference value per row (e.g. the majority baseline).
+  """
+  fig = _new_figure((7.5, 0.45 * len(labels) + 1.6))
+  ax = fig.subplots()
+  y = np.arange(len(labels))[::-1]
+  points, lows, highs = (np.asarray(v, np.float64) for v in (points, lows, highs))
+  ax.errorbar(points, y, xerr=[points - lows, highs - points], fmt='o', color='tab:blue',
+              capsize=3, label=interval_label)
+  ax.scatter(baselines, y, marker='|', s=200, color='tab:red', label=baseline_label)
+  ax.set_yticks(y, list(labels))
+  ax.set_xlabel(xlabel)
+  ax.set_xlim(-1, 101)  # room for a marker at 0 or 100
+  ax.grid(axis='x', alpha=0.3)
+  ax.legend(loc='lower right', fontsize=8)
+  # A figure title, not an axes title: the long row labels push the axes right, and a title
+  # centred on the axes ran off the figure's right edge.
+  fig.suptitle(title)
+  _save(fig, path)
+
+
+def image_grid(images, pad: int = 2) -> np.ndarray:
+  """images [rows, cols, h, w, 3] in [0, 1] -> uint8 [H, W, 3] with white gaps of `pad` px."""
+  images = np.asarray(images, np.float32)
+  rows, cols, h, w, c = images.shape
+  out = np.ones((rows * (h + pad) + pad, cols * (w + pad) + pad, c), np.float32)
+  for r in range(rows):
+    for k in range(cols):
+      y, x = pad + r * (h + pad), pad + k * (w + pad)
+      out[y:y + h, x:x + w] = images[r, k]
+  return (np.clip(out, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def save_image_grid(images, path) -> None:
+  """A grid of images at their own resolution, one pixel per pixel (GAN samples, real cells
+  beside synthetic ones), written atomically.
+
+  Args:
+    images: [rows, cols, h, w, 3] floats in [0, 1] (clipped).
     path: output PNG.
-    nrow: images per row (as in torchvision's `make_grid`).
-    titles: optional N short captions, e.g. the conditioning class.
   """
   images = np.asarray(images)
-  if images.ndim != 4 or images.shape[-1] != 3:
-    raise ValueError(f'expected images [N, H, W, 3], got {images.shape}')
-  if titles is not None and len(titles) != len(images):
-    raise ValueError(f'{len(titles)} titles for {len(images)} images')
-  if nrow < 1:
-    raise ValueError(f'nrow must be positive, got {nrow}')
-  if images.dtype != np.uint8:
-    images = np.clip(images.astype(np.float64), 0.0, 1.0)
-  n = len(images)
-  ncols = min(nrow, max(n, 1))
-  nrows = max(math.ceil(n / ncols), 1)
-  fig = _new_figure((1.6 * ncols, 1.6 * nrows + (0.25 * nrows if titles else 0)))
-  axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
-  for i, ax in enumerate(axes):
-    ax.set_axis_off()
-    if i < n:
-      ax.imshow(images[i], interpolation='nearest')
-      if titles is not None:
-        ax.set_title(str(titles[i]), fontsize=8)
-  _save(fig, path)
+  if images.ndim != 5 or images.shape[-1] != 3:
+    raise ValueError(f'expected images [rows, cols, h, w, 3], got {images.shape}')
+  path = os.fspath(path)
+  directory = os.path.dirname(path)
+  if directory:
+    os.makedirs(directory, exist_ok=True)
+  tmp = os.path.splitext(path)[0] + '.tmp.png'
+  Image.fromarray(image_grid(images)).save(tmp)
+  os.replace(tmp, path)

@@ -14,8 +14,6 @@ import csv
 import os
 import sys
 
-import jax
-import ml_collections
 import numpy as np
 from absl import app
 from absl import flags
@@ -23,9 +21,7 @@ from absl import logging
 
 from wbc_jax import bccd_wbc
 from wbc_jax import input_pipeline as ip
-from wbc_jax import models
-from wbc_jax import train
-from wbc_jax import utils
+from wbc_jax import rundir
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'A run directory (holds results.json and checkpoints/).')
@@ -35,40 +31,6 @@ flags.DEFINE_string('box', None, 'WBC box "ymin,xmin,ymax,xmax" in pixels (crop 
 
 class PredictError(ValueError):
   pass
-
-
-def load_run(run_dir: str):
-  """The run's config, class names, and a function images -> probabilities [N, C]."""
-  for name in ('config.json', 'results.json'):
-    if not os.path.isfile(os.path.join(run_dir, name)):
-      raise PredictError(f'{run_dir}: no {name}; expected a completed run directory of the '
-                         'ablation (WORKDIR/<view>/<split>/<regime>/<model>).')
-  config = ml_collections.ConfigDict(utils.read_json(os.path.join(run_dir, 'config.json')))
-  results = utils.read_json(os.path.join(run_dir, 'results.json'))
-  class_names = results['class_names']
-  image_shape = ((*config.data.frame_size, 3) if config.data.view == 'frame'
-                 else (config.data.crop_size, config.data.crop_size, 3))
-  model = models.get_model(results['model'], num_classes=len(class_names),
-                           conv_impl=config.train.conv_impl)
-  # The run's own step options and test-time augmentation: the state's layout (a moving
-  # average or not) and the evaluation follow the config it was trained with.
-  programs = train.make_programs(
-      model, train.make_optimizer(config.train), image_shape,
-      options=train.StepOptions.from_config(config, augment=False),
-      tta=bool(config.train.get('tta', False)))
-  try:
-    state = train.restore_run_state(
-        run_dir, jax.eval_shape(programs.init, train.seed_keys(results['seeds'])))
-  except FileNotFoundError as e:
-    raise PredictError(str(e)) from e
-
-  def predict(images_uint8: np.ndarray) -> np.ndarray:
-    # The standardisation stored in the state: the training images' statistics.
-    probs = train.predict_probs(programs.predict, state.best_params, state.best_batch_stats,
-                                images_uint8, config.train.eval_batch_size, state.input_norm)
-    return probs.mean(axis=0)
-
-  return config, class_names, predict
 
 
 def read_image(path: str) -> np.ndarray:
@@ -111,7 +73,11 @@ def _normalised(boxes: np.ndarray) -> np.ndarray:
 
 
 def predict_files(run_dir: str, paths: list[str], box: str | None = None) -> list[dict]:
-  config, class_names, predict = load_run(run_dir)
+  try:
+    run = rundir.restore_run(run_dir)
+  except rundir.RunDirError as e:
+    raise PredictError(str(e)) from e
+  config, class_names = run.config, run.class_names
   if box and len(paths) != 1:
     raise PredictError('--box applies to one image; give VOC XML files for several.')
   views = []
@@ -122,7 +88,7 @@ def predict_files(run_dir: str, paths: list[str], box: str | None = None) -> lis
     raw = {'images': frame[None], 'labels': np.zeros(1, np.int32),
            'image_ids': np.zeros(1, np.int32), 'boxes': [boxes], 'class_names': tuple(class_names)}
     views.append(ip.make_view(raw, config.data).images[0])
-  probs = predict(np.stack(views))
+  probs = run.predict(np.stack(views))
   return [{'image': p, 'predicted': class_names[int(np.argmax(q))],
            **{f'p_{n}': float(v) for n, v in zip(class_names, q)}} for p, q in zip(paths, probs)]
 

@@ -7,6 +7,8 @@
 - `mcnemar_exact`: compares two methods' predictions on the same single test set.
 - `holm`: adjusts a family of p-values for multiple comparisons.
 - `paired_difference_sentence`: one line of plain English for a report.
+- `pool_repeat`, `align_repeats`, `pooled_estimate`, `paired_difference`: pooled out-of-fold
+  predictions over folds and repeats, and their bootstrap intervals.
 """
 
 from __future__ import annotations
@@ -199,3 +201,95 @@ def paired_difference_sentence(
   return (f'{name_a} vs {name_b}: {diff:+.1f} points {metric_name}, '
           f'95% CI [{low:.1f}, {high:.1f}], corrected t-test p {_format_p(result["p"])} '
           f'(Holm-adjusted {p_adj_text}): {verdict}.')
+
+
+# ----------------------------------------------------------------------------- pooled predictions
+# The test predictions of the folds of a repeat, concatenated: every image is tested exactly
+# once per repeat. With several repeats (re-partitions of the same images) every bootstrap
+# resample of images is applied to all repeats at once, so repeats do not count as new images.
+
+
+def pool_repeat(parts: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]):
+  """Concatenates the test predictions of the folds of one repeat.
+
+  Args:
+    parts: one (image_ids [N_k], labels [N_k], probs [N_k, C]) per fold; probs are the seed
+      ensemble's.
+
+  Returns:
+    (image_ids [N], labels [N], probs [N, C]) sorted by image id, N = sum of N_k.
+
+  Raises:
+    ValueError: if an image is tested twice, which would make the pool not out-of-fold.
+  """
+  ids = np.concatenate([np.asarray(p[0]) for p in parts])
+  labels = np.concatenate([np.asarray(p[1]) for p in parts])
+  probs = np.concatenate([np.asarray(p[2], np.float64) for p in parts])
+  unique, counts = np.unique(ids, return_counts=True)
+  if (counts > 1).any():
+    raise ValueError(f'image ids tested more than once in one repeat: {unique[counts > 1][:10]}')
+  order = np.argsort(ids, kind='stable')
+  return ids[order], labels[order], probs[order]
+
+
+def align_repeats(pools):
+  """Stacks per-repeat pools over the same images.
+
+  Args:
+    pools: one (image_ids [N], labels [N], probs [N, C]) per repeat, each sorted by id.
+
+  Returns:
+    (image_ids [N], labels [N], preds [R, N], probs [R, N, C], note). When the repeats do not
+    cover the same images (a run cut short by `split.max_splits`), only the first repeat is
+    kept and `note` says so; otherwise note is ''.
+  """
+  ids, labels = pools[0][0], pools[0][1]
+  same = all(np.array_equal(p[0], ids) and np.array_equal(p[1], labels) for p in pools[1:])
+  note = ''
+  if not same:
+    pools, note = pools[:1], 'repeats cover different images; first repeat only'
+  probs = np.stack([p[2] for p in pools])
+  return ids, labels, probs.argmax(axis=-1), probs, note
+
+
+def _over_repeats(metric, preds: np.ndarray, num_classes: int):
+  """(labels, idx) -> the metric of every repeat on images idx, averaged over repeats."""
+  def stat(labels, idx):
+    return float(np.mean([metric(labels, p[idx], num_classes) for p in preds]))
+  return stat
+
+
+def pooled_estimate(labels, preds, metric, num_classes: int, *, n_boot: int,
+                    seed: int) -> dict:
+  """Pooled metric with a stratified bootstrap interval over images.
+
+  Args:
+    labels: [N] true classes of the pooled images.
+    preds: [R, N] predicted classes, one row per repeat (R = 1 without repeats).
+    metric: (labels, preds, num_classes) -> float.
+
+  Returns:
+    {point, low, high}: the mean over repeats and its 95% percentile interval; each resample
+    of images is shared by all repeats.
+  """
+  preds = np.atleast_2d(preds)
+  # stratified_bootstrap_ci resamples `preds` with `labels`; passing image indices lets one
+  # resample select the same images in every repeat.
+  point, low, high = stratified_bootstrap_ci(
+      labels, np.arange(len(labels)), _over_repeats(metric, preds, num_classes),
+      n_boot=n_boot, seed=seed)
+  return {'point': point, 'low': low, 'high': high}
+
+
+def paired_difference(labels, preds_a, preds_b, metric, num_classes: int, *, n_boot: int,
+                      seed: int) -> dict:
+  """metric(a) - metric(b) on the same pooled images, with a paired stratified bootstrap.
+
+  preds_a, preds_b: [R, N] predictions of two methods on the same images in the same order.
+  """
+  stat_a = _over_repeats(metric, np.atleast_2d(preds_a), num_classes)
+  stat_b = _over_repeats(metric, np.atleast_2d(preds_b), num_classes)
+  point, low, high = stratified_bootstrap_ci(
+      labels, np.arange(len(labels)), lambda y, idx: stat_a(y, idx) - stat_b(y, idx),
+      n_boot=n_boot, seed=seed)
+  return {'point': point, 'low': low, 'high': high}

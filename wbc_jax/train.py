@@ -10,12 +10,8 @@ The vmapped seed axis is split over the devices of `config.mesh` (`wbc_jax.shard
 the programs are jitted with declared shardings, the state is created and restored
 already split, and each process feeds the seeds that its devices hold.
 
-Model selection (`config.train.select`): per seed, the parameters of the epoch with the best
-validation accuracy (the first such epoch on ties) are kept in the state and are the ones
-tested, as the paper did ('val_accuracy', the default); or the best validation balanced
-accuracy, or lowest validation loss; or 'last', a fixed schedule evaluated at its end (with
-`ema_decay`, the moving average of the weights), which never chases the noise of a
-validation set of ~30 images. The test split is evaluated each epoch only for the curves.
+Each epoch evaluates the seeds exactly and keeps each seed's parameters chosen on validation
+(`wbc_jax.evaluation`); the test split is evaluated each epoch only for the curves.
 
 The strong-baseline recipe (`configs/baseline.py`) adds, each a config field: inputs
 standardised per channel with the training images' statistics (kept in the state, so
@@ -29,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 import time
 from typing import Any, Callable
@@ -43,9 +38,11 @@ import optax
 import orbax.checkpoint as ocp
 
 from wbc_jax import augment as augment_lib
+from wbc_jax import evaluation
 from wbc_jax import input_pipeline as ip
 from wbc_jax import metrics as metrics_lib
 from wbc_jax import models
+from wbc_jax import plots
 from wbc_jax import sharding
 from wbc_jax import utils
 
@@ -82,14 +79,13 @@ class TrainState:
 
 
 SCHEDULES = ('constant', 'warmup_cosine')
-SELECTIONS = ('val_accuracy', 'val_balanced_accuracy', 'val_loss', 'last')
 
 
 def make_optimizer(train_config, total_steps: int = 1) -> optax.GradientTransformation:
   """The optimizer of `config.train`; total_steps sets the length of a decaying schedule
   (its state's structure does not depend on it, so restoring may pass the default)."""
   name, lr = train_config.optimizer, train_config.learning_rate
-  schedule = train_config.get('schedule', 'constant')
+  schedule = train_config.schedule
   if schedule not in SCHEDULES:
     raise ValueError(f"config.train.schedule: unknown schedule {schedule!r}; expected one of "
                      f"{', '.join(SCHEDULES)}.")
@@ -97,7 +93,7 @@ def make_optimizer(train_config, total_steps: int = 1) -> optax.GradientTransfor
     warmup = min(int(train_config.warmup_steps), max(total_steps - 1, 0))
     lr = optax.warmup_cosine_decay_schedule(
         0.0, lr, warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1),
-        end_value=lr * train_config.get('final_lr_fraction', 0.0))
+        end_value=lr * train_config.final_lr_fraction)
   if name == 'adam':
     # eps=1e-7 is Keras' default, which the paper used.
     return optax.adam(lr, eps=1e-7)
@@ -143,10 +139,9 @@ class StepOptions:
   @classmethod
   def from_config(cls, config, *, augment: bool) -> 'StepOptions':
     tc, aug = config.train, config.augment
-    in_step = augment and aug.get('impl', 'tfdata') == 'jax'
+    in_step = augment and aug.impl == 'jax'
     return cls(augment=augment_lib.AugmentSpec.from_config(aug) if in_step else None,
-               label_smoothing=float(tc.get('label_smoothing', 0.0)),
-               ema_decay=float(tc.get('ema_decay', 0.0)))
+               label_smoothing=float(tc.label_smoothing), ema_decay=float(tc.ema_decay))
 
 
 def loss_constants(labels: np.ndarray, num_classes: int, train_config) -> dict[str, np.ndarray]:
@@ -158,7 +153,7 @@ def loss_constants(labels: np.ndarray, num_classes: int, train_config) -> dict[s
     via logit adjustment"), it makes the unadjusted logits estimate a class-balanced
     posterior: the minority classes are not argued down by their prior.
   """
-  tau = float(train_config.get('logit_adjust_tau', 0.0))
+  tau = float(train_config.logit_adjust_tau)
   counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
   prior = np.maximum(counts, 1) / max(counts.sum(), 1)
   return {'class_weights': class_weights_for(labels, num_classes, train_config.class_weighting),
@@ -252,31 +247,6 @@ def predict_step(params: PyTree, batch_stats: PyTree, images: jax.Array,
   return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
 
-def select_best(state: TrainState, score: jax.Array) -> TrainState:
-  """Keeps the evaluated parameters (`TrainState.eval_variables`) of this epoch where the
-  selection score (higher is better) improved; the first best epoch on ties (one seed)."""
-  better = score > state.best_score
-  pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(better, a, b), new, old)
-  params, batch_stats = state.eval_variables()
-  return state.replace(
-      best_params=pick(params, state.best_params),
-      best_batch_stats=pick(batch_stats, state.best_batch_stats),
-      best_score=jnp.where(better, score, state.best_score),
-      best_epoch=jnp.where(better, state.epoch, state.best_epoch))
-
-
-def selection_score(select: str, row: dict) -> np.ndarray:
-  """The per-seed score [S] that `select_best` maximises, from one epoch's metrics row."""
-  if select not in SELECTIONS:
-    raise ValueError(f"config.train.select: unknown rule {select!r}; expected one of "
-                     f"{', '.join(SELECTIONS)}.")
-  if select == 'last':
-    return np.full(len(row['val_acc']), float(row['epoch']), np.float32)
-  key = {'val_accuracy': 'val_acc', 'val_balanced_accuracy': 'val_bacc'}.get(select)
-  score = np.asarray(row[key]) if key else -np.asarray(row['val_loss'])
-  return score.astype(np.float32)
-
-
 @dataclasses.dataclass
 class Programs:
   """The jitted, seed-vmapped programs of one model (compiled once per shape) and their mesh.
@@ -331,24 +301,9 @@ def make_programs(model: nn.Module, tx: optax.GradientTransformation,
 
   predict = jax.jit(predict_sharded, in_shardings=(by_seed, by_seed, everywhere, by_seed),
                     out_shardings=by_seed)
-  select = jax.jit(jax.vmap(select_best), in_shardings=(by_seed, by_seed),
+  select = jax.jit(jax.vmap(evaluation.select_best), in_shardings=(by_seed, by_seed),
                    out_shardings=by_seed, donate_argnums=0)
   return Programs(init, step, predict, select, mesh, by_seed, by_seed_data)
-
-
-def predict_probs(predict: Callable, params: PyTree, batch_stats: PyTree, images: np.ndarray,
-                  batch_size: int, norm: tuple[jax.Array, jax.Array]) -> np.ndarray:
-  """Exact masked evaluation: probabilities [S, N, C] of every example, once each.
-
-  norm: the state's `input_norm` ([S, 3] each). The padded rows of the last batch are
-  dropped by the mask on the host, after the probabilities are gathered whole: the count
-  never depends on the mesh.
-  """
-  outs = []
-  for batch in ip.eval_batches(images, np.zeros(len(images), np.int32), batch_size):
-    probs = predict(params, batch_stats, batch['image'], norm)
-    outs.append(sharding.to_host(probs)[:, batch['mask']])
-  return np.concatenate(outs, axis=1)
 
 
 def seed_keys(seeds) -> jax.Array:
@@ -362,48 +317,6 @@ def class_weights_for(labels: np.ndarray, num_classes: int, enabled: bool) -> np
   # Keras/sklearn "balanced": n / (C * count); absent classes get weight 0.
   w = np.where(counts > 0, len(labels) / (num_classes * np.maximum(counts, 1)), 0.0)
   return w.astype(np.float32)
-
-
-def _split_metrics(labels, probs, class_names) -> dict:
-  """Per-seed metrics and those of the seed ensemble (mean probability)."""
-  per_seed = [metrics_lib.classification_metrics(labels, p, class_names) for p in probs]
-  return {
-      'per_seed': per_seed,
-      'seed_summary': metrics_lib.summarize_seeds(per_seed),
-      'ensemble': metrics_lib.classification_metrics(
-          labels, metrics_lib.ensemble_probs(probs), class_names),
-  }
-
-
-def _nll(labels, probs):
-  """Mean NLL per seed. probs [S, N, C] -> [S]."""
-  p = np.take_along_axis(probs, np.asarray(labels)[None, :, None], axis=-1)[..., 0]
-  return -np.log(np.clip(p, 1e-12, 1.0)).mean(axis=1)
-
-
-def epoch_steps(train_config, *, num_real: int, num_extra: int) -> int:
-  """Optimizer steps per epoch of one seed.
-
-  train_config.steps_per_epoch_basis: 'all' (the paper's) makes an epoch one pass over the
-  real and synthetic training images; 'real' makes it as many steps as one pass over the real
-  images, each epoch's batches drawn from a fresh permutation of the whole pool, so a regime
-  with synthetic images gets the same number of updates as one without ('all' gives a class
-  topped up to 300 images about five times more). max_steps_per_epoch > 0 caps either.
-  """
-  fixed = int(train_config.get('steps_per_epoch', -1))
-  if fixed > 0:
-    # An epoch of fixed length: the evaluation period of a schedule counted in updates.
-    return fixed if train_config.max_steps_per_epoch <= 0 else min(
-        fixed, train_config.max_steps_per_epoch)
-  basis = train_config.get('steps_per_epoch_basis', 'all')
-  if basis not in ('all', 'real'):
-    raise ValueError(f"config.train.steps_per_epoch_basis: unknown value {basis!r}; expected "
-                     "'all' or 'real'.")
-  n = num_real + num_extra if basis == 'all' else num_real
-  steps = ip.steps_per_epoch(n, train_config.batch_size)
-  if train_config.max_steps_per_epoch > 0:
-    steps = min(steps, train_config.max_steps_per_epoch)
-  return steps
 
 
 _PROGRAMS: dict = {}
@@ -438,7 +351,7 @@ def train_and_evaluate(config, workdir: str, *, examples: ip.Examples, split: ip
   """
   tc = config.train
   seeds = [config.seed + i for i in range(config.num_seeds)]
-  mesh = sharding.make_mesh(config.get('mesh'))  # configs from before the mesh: all on 'seed'
+  mesh = sharding.make_mesh(config.mesh)
   sharding.check_divisible(len(seeds), tc.batch_size, mesh)
   write = sharding.is_primary()
   os.makedirs(workdir, exist_ok=True)
@@ -448,14 +361,14 @@ def train_and_evaluate(config, workdir: str, *, examples: ip.Examples, split: ip
   image_shape = tuple(examples.images.shape[1:])
   train_x, train_y = examples.images[split.train], examples.labels[split.train]
   model = models.get_model(model_name, num_classes=num_classes, conv_impl=tc.conv_impl)
-  augment_lib.check_impl(config.augment.get('impl', 'tfdata'), config.augment)
+  augment_lib.check_impl(config.augment.impl, config.augment)
   options = StepOptions.from_config(config, augment=augment)
-  select = tc.get('select', 'val_accuracy')
-  selection_score(select, {'epoch': 0, 'val_acc': [], 'val_bacc': [], 'val_loss': []})
-  sampling = tc.get('sampling', 'uniform')
+  select = tc.select
+  evaluation.selection_score(select, {'epoch': 0, 'val_acc': [], 'val_bacc': [], 'val_loss': []})
+  sampling = tc.sampling
   n_train = len(train_y) + (0 if extra is None else len(extra[1]))
   all_train_y = train_y if extra is None else np.concatenate([train_y, extra[1]])
-  steps = epoch_steps(tc, num_real=len(train_y), num_extra=n_train - len(train_y))
+  steps = ip.epoch_steps(tc, num_real=len(train_y), num_extra=n_train - len(train_y))
   tx = make_optimizer(tc, total_steps=tc.epochs * steps)
   # The folds of a cross-validation share every shape and setting: one compilation serves
   # them all (the key holds everything the programs close over).
@@ -463,7 +376,7 @@ def train_and_evaluate(config, workdir: str, *, examples: ip.Examples, split: ip
                  tuple(d.id for d in mesh.devices.flat), options, steps)
   programs_for = lambda tta: _cached_programs(program_key, lambda tta: make_programs(
       model, tx, image_shape, mesh, options=options, tta=tta), tta)
-  programs = programs_for(bool(tc.get('tta', False)))
+  programs = programs_for(bool(tc.tta))
   # This process builds the batches of the seeds its devices hold, and only those: a
   # seed's order and augmentation draws do not depend on the seeds beside it.
   local_rows = sharding.local_seed_rows(programs.seed_sharding, len(seeds))
@@ -487,7 +400,7 @@ def train_and_evaluate(config, workdir: str, *, examples: ip.Examples, split: ip
     log(f'  resumed from epoch {start_epoch} ({workdir})')
   else:
     state = programs.init(keys)
-    if tc.get('standardize', False):
+    if tc.standardize:
       # The real training images' statistics only: validation and test images never
       # shape the input; kept in the state, so a restored run standardises the same.
       mean, std = ip.channel_stats(train_x)
@@ -497,7 +410,7 @@ def train_and_evaluate(config, workdir: str, *, examples: ip.Examples, split: ip
   # Validation is needed every epoch (model selection); the train and test curves are
   # optional, and evaluating the training images costs as much as a third of an epoch.
   eval_sets = {'val': (examples.images[split.val], examples.labels[split.val])}
-  if tc.get('eval_train_every_epoch', True):
+  if tc.eval_train_every_epoch:
     eval_sets = {'train': (train_x, train_y), **eval_sets}
   if tc.log_test_every_epoch:
     eval_sets['test'] = (examples.images[split.test], examples.labels[split.test])
@@ -505,10 +418,10 @@ def train_and_evaluate(config, workdir: str, *, examples: ip.Examples, split: ip
   # The curves' predictions: with train.curve_tta False, the plain (one-view) program, 8x
   # cheaper than test-time augmentation; the final evaluation below always uses `tta`.
   curve_programs = programs
-  if tc.get('tta', False) and not tc.get('curve_tta', True):
+  if tc.tta and not tc.curve_tta:
     curve_programs = programs_for(False)
 
-  tb = _tensorboard_writers(workdir, seeds) if write else []
+  tb = utils.tensorboard_writers(workdir, seeds) if write else []
   t_start = time.time()
   for epoch in range(start_epoch, tc.epochs):
     t0 = time.time()
@@ -535,20 +448,16 @@ def train_and_evaluate(config, workdir: str, *, examples: ip.Examples, split: ip
     row = {'epoch': epoch + 1,
            'train_aug_loss': (m['loss'].sum(0) / m['count'].sum(0)).tolist(),
            'train_aug_acc': (m['correct'].sum(0) / m['count'].sum(0)).tolist()}
-    eval_params, eval_stats = state.eval_variables()
-    for name, (x, y) in eval_sets.items():
-      probs = predict_probs(curve_programs.predict, eval_params, eval_stats, x,
-                            tc.eval_batch_size, state.input_norm)
-      row[f'{name}_loss'] = _nll(y, probs).tolist()
-      row[f'{name}_acc'] = (probs.argmax(-1) == y[None]).mean(axis=1).tolist()
-      row[f'{name}_bacc'] = [metrics_lib.balanced_accuracy(y, p.argmax(-1)) for p in probs]
+    row.update(evaluation.curve_metrics(curve_programs.predict, *state.eval_variables(),
+                                        state.input_norm, eval_sets,
+                                        batch_size=tc.eval_batch_size, num_classes=num_classes))
     state = programs.select_best(
-        state, sharding.put(selection_score(select, row), programs.seed_sharding))
+        state, sharding.put(evaluation.selection_score(select, row), programs.seed_sharding))
     epoch_secs = time.time() - t0
     row.update(seconds=epoch_secs, train_images_per_second=steps * tc.batch_size * len(seeds)
                / max(train_secs, 1e-9))
     history.append(row)
-    _write_tensorboard(tb, row, seeds)
+    utils.write_scalars(tb, row)
     done_here = epoch + 1 - start_epoch
     eta = (time.time() - t_start) / done_here * (tc.epochs - epoch - 1)
     log(f'  epoch {epoch + 1:3d}/{tc.epochs}  {epoch_secs:5.1f}s  '
@@ -582,74 +491,21 @@ def train_and_evaluate(config, workdir: str, *, examples: ip.Examples, split: ip
              'num_params': models.count_params(state.params) // len(seeds),
              'n_train_real': len(train_y), 'n_train_extra': 0 if extra is None else len(extra[1]),
              'class_names': list(examples.class_names),
-             'train_seconds': float(sum(r['seconds'] for r in history)),
-             'splits': {}}
-  arrays = {}
-  for name, (x, y) in eval_final.items():
-    probs = predict_probs(programs.predict, state.best_params, state.best_batch_stats, x,
-                          tc.eval_batch_size, state.input_norm)
-    results['splits'][name] = _split_metrics(y, probs, examples.class_names)
-    if name != 'train':
-      idx = getattr(split, name)
-      arrays.update({f'{name}_probs': probs, f'{name}_labels': y,
-                     f'{name}_image_ids': examples.image_ids[idx]})
-  results['majority_baseline'] = metrics_lib.majority_baseline(
-      train_y, examples.labels[split.test], num_classes)
+             'train_seconds': float(sum(r['seconds'] for r in history))}
   # What test-time augmentation and the moving average each bought, measured on the same
   # trained seeds: the test predictions without one of them (no retraining needed).
   variants = {}
-  if tc.get('tta', False):
+  if tc.tta:
     variants['no_tta'] = (programs_for(False).predict, state.best_params, state.best_batch_stats)
   if options.ema_decay > 0 and select == 'last':
     variants['no_ema'] = (programs.predict, state.params, state.batch_stats)
-  x_test, y_test = eval_final['test']
-  results['test_variants'] = {}
-  for name, (predict, params, batch_stats) in variants.items():
-    probs = predict_probs(predict, params, batch_stats, x_test, tc.eval_batch_size,
-                          state.input_norm)
-    results['test_variants'][name] = _split_metrics(y_test, probs, examples.class_names)
-    arrays[f'test_probs_{name}'] = probs
+  splits, test_variants, arrays = evaluation.evaluate_selected(
+      programs.predict, state, eval_final, variants, batch_size=tc.eval_batch_size,
+      class_names=examples.class_names,
+      image_ids={n: examples.image_ids[getattr(split, n)] for n in ('val', 'test')})
+  results.update(splits=splits, majority_baseline=metrics_lib.majority_baseline(
+      train_y, examples.labels[split.test], num_classes), test_variants=test_variants)
   if write:
     np.savez(os.path.join(workdir, 'predictions.npz'), **arrays)
-    _write_figures(workdir, history, results, examples.class_names)
+    plots.plot_run(workdir, history, results, examples.class_names)
   return results
-
-
-def restore_run_state(run_dir: str, abstract_state: PyTree) -> PyTree:
-  """The TrainState [S, ...] of a run directory's latest checkpoint.
-
-  abstract_state: the state's shapes (e.g. `jax.eval_shape` of the vmapped init), with or
-  without shardings. Raises FileNotFoundError naming the directory when there is no checkpoint.
-  """
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-  with ocp.CheckpointManager(os.path.abspath(os.path.join(run_dir, 'checkpoints'))) as manager:
-    step = manager.latest_step()
-    if step is None:
-      raise FileNotFoundError(f'{run_dir}/checkpoints: no checkpoint to load.')
-    return manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract)))['state']
-
-
-def _tensorboard_writers(workdir, seeds):
-  try:
-    from tensorboardX import SummaryWriter
-  except ImportError:  # optional: curves are in metrics.jsonl and PNGs anyway
-    return []
-  return [SummaryWriter(os.path.join(workdir, 'tensorboard', f'seed_{s}')) for s in seeds]
-
-
-def _write_tensorboard(writers, row, seeds):
-  for i, w in enumerate(writers):
-    for key, value in row.items():
-      if isinstance(value, list):
-        w.add_scalar(key, value[i], row['epoch'])
-    w.flush()
-
-
-def _write_figures(workdir, history, results, class_names):
-  from wbc_jax import plots
-  plots.plot_learning_curves(history, os.path.join(workdir, 'learning_curves.png'),
-                             title=f'{results["model"]} ({results["split"]})')
-  cm = np.asarray(results['splits']['test']['ensemble']['confusion_matrix'])
-  plots.plot_confusion_matrix(cm, list(class_names), os.path.join(workdir, 'confusion_test.png'),
-                              title=f'{results["model"]}: test, seed ensemble')

@@ -1,13 +1,22 @@
-"""Small helpers: atomic file writes, JSON lines, timing."""
+"""Small helpers: atomic file writes, JSON lines, timing, what this process runs."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
+import platform
+import shlex
+import sys
 import tempfile
 from typing import Any
 
 import numpy as np
+
+# The packages whose versions a report records (those installed).
+VERSION_PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'tensorflow',
+                    'tensorflow-cpu', 'tensorflow-datasets', 'numpy', 'scipy', 'scikit-learn',
+                    'matplotlib')
 
 
 def _default(o):
@@ -63,3 +72,40 @@ def format_duration(seconds: float) -> str:
   h, rem = divmod(seconds, 3600)
   m, s = divmod(rem, 60)
   return f'{h}h{m:02d}m{s:02d}s' if h else (f'{m}m{s:02d}s' if m else f'{s}s')
+
+
+def software_versions() -> dict[str, str]:
+  versions = {'python': platform.python_version()}
+  for name in VERSION_PACKAGES:
+    try:
+      versions[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      pass
+  return versions
+
+
+def invocation() -> str:
+  """The command line of this process, written as it would be typed."""
+  argv = sys.argv
+  if argv and argv[0].endswith(os.path.join('wbc_jax', 'main.py')):
+    return shlex.join(['python', '-m', 'wbc_jax.main', *argv[1:]])
+  return shlex.join(argv)
+
+
+def tensorboard_writers(workdir: str, seeds) -> list:
+  """One TensorBoard writer per seed (WORKDIR/tensorboard/seed_<s>); none without tensorboardX
+  (optional: the curves are in metrics.jsonl and the figures anyway)."""
+  try:
+    from tensorboardX import SummaryWriter
+  except ImportError:
+    return []
+  return [SummaryWriter(os.path.join(workdir, 'tensorboard', f'seed_{s}')) for s in seeds]
+
+
+def write_scalars(writers: list, row: dict) -> None:
+  """Every per-seed list in one epoch's metrics row, to that seed's writer."""
+  for i, w in enumerate(writers):
+    for key, value in row.items():
+      if isinstance(value, list):
+        w.add_scalar(key, value[i], row['epoch'])
+    w.flush()

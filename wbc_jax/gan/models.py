@@ -27,6 +27,8 @@ import jax.numpy as jnp
 
 from wbc_jax.models import Conv3x3
 
+GAN_KINDS = ('paper', 'cond')
+
 # Keras' default initialisers, so that the published networks start from the
 # same distribution as in the study.
 _keras_kernel_init = nn.initializers.xavier_uniform()
@@ -249,3 +251,17 @@ class CondDiscriminator(nn.Module):
     out = nn.SpectralNorm(nn.Dense(1))(feat, update_stats=train)[:, 0]
     embed = nn.SpectralNorm(nn.Embed(self.num_classes, 4 * c))(labels, update_stats=train)
     return out + jnp.sum(embed * feat, axis=-1)
+
+
+def build_models(config, height: int, width: int, num_classes: int):
+  """(generator, discriminator) of ``config.kind`` (fields kind, latent_dim, channels,
+  conv_impl of `config.gan`), for images of height x width."""
+  impl = config.conv_impl
+  if config.kind == 'paper':
+    return (PaperGenerator(height, width, latent_dim=config.latent_dim, conv_impl=impl),
+            PaperDiscriminator(conv_impl=impl))
+  if config.kind == 'cond':
+    return (CondGenerator(height, width, num_classes, latent_dim=config.latent_dim,
+                                 channels=config.channels, conv_impl=impl),
+            CondDiscriminator(num_classes, channels=config.channels, conv_impl=impl))
+  raise ValueError(f'Unknown GAN kind {config.kind!r}; expected one of {GAN_KINDS}')

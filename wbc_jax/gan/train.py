@@ -1,4 +1,5 @@
-"""Training GANs for augmentation: config, state, train step, run loop, sampling.
+"""Training GANs for augmentation: the state, the train step of one GAN, the programs that
+run many at once, and the run loop.
 
 Two kinds of GAN (``config.kind``):
 
@@ -12,18 +13,23 @@ Two kinds of GAN (``config.kind``):
 The step is written for one GAN. Its randomness is derived from
 ``fold_in(state.rng, state.step)``, so a run restored from a checkpoint draws
 the same numbers as an uninterrupted one. Real batches are sampled on device
-from a per-class image pool ``[classes, max_count, h, w, 3]`` in [-1, 1].
+from a per-class image pool ``[classes, max_count, h, w, 3]`` in [-1, 1]
+(``wbc_jax.gan.data``). ``make_programs`` builds the jitted programs the way
+``wbc_jax.train.make_programs`` builds the classifier's: vmap over the members, jit,
+donation. The networks are ``wbc_jax.gan.models``'s, sampling ``wbc_jax.gan.sample``'s,
+and the config's fields and defaults ``configs/ablation.py``'s ``gan_config``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import flax
 import jax
@@ -33,104 +39,37 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from wbc_jax import plots
 from wbc_jax import utils
+from wbc_jax.gan import data
 from wbc_jax.gan import diffaug
 from wbc_jax.gan import losses
 from wbc_jax.gan import models
-from wbc_jax.gan.grid import save_image_grid
-
-GAN_KINDS = ('paper', 'cond')
+from wbc_jax.gan import sample
 
 # Order of the named random streams drawn from fold_in(state.rng, state.step).
 # Appending is safe; reordering changes every run, so tests pin it.
 STEP_STREAMS = ('data', 'd_latent', 'd_augment_real', 'd_augment_fake',
                 'd_dropout', 'g_latent', 'g_augment', 'g_dropout')
 
-# Fields that only schedule logging / sampling / checkpointing, or the run
-# length: they may change between a run and its resumption.
-_SCHEDULE_FIELDS = ('steps', 'log_every', 'sample_every', 'checkpoint_every',
-                    'samples_per_class')
+# Fields that only schedule logging / sampling / checkpointing, or the run length: they
+# shape no program, and may change between a run and its resumption.
+SCHEDULE_FIELDS = ('steps', 'log_every', 'sample_every', 'checkpoint_every',
+                   'samples_per_class')
 # Fields a run may change on resumption: the schedule, and conv_impl, which changes how a
-# convolution is computed, not what (a run started on a GPU may finish on a CPU).
-_RESUMABLE_FIELDS = _SCHEDULE_FIELDS + ('conv_impl',)
+# convolution is computed, not what (a run started on a GPU may finish on a CPU); the
+# ablation's choice of resolution shows in the run's image shape instead.
+_RESUMABLE_FIELDS = SCHEDULE_FIELDS + ('conv_impl', 'resolution', 'resolution_by_view')
 
 
 # ----------------------------------------------------------------------------
 # Config
 
 
-def default_gan_config(kind: str = 'paper') -> ml_collections.ConfigDict:
-  """Locked config for one GAN kind ('paper' or 'cond').
-
-  Fields:
-    kind: 'paper' (one unconditional DCGAN per class) or 'cond' (one
-      class-conditional GAN).
-    steps: optimizer steps (each one D update then one G update).
-    batch_size: real images per step (and as many generated ones).
-    lr_g, lr_d, b1, b2: Adam for the generator and the discriminator.
-    loss_type: 'bce' (non-saturating) or 'hinge'; see ``losses``.
-    diffaug_policy: DiffAugment policy, '' for none; see ``diffaug``.
-    r1_gamma: weight gamma of the R1 penalty gamma/2 E||grad D(x_real)||^2; 0 off.
-    ema_decay: decay of the generator's exponential moving average used for
-      sampling; 0 samples from the raw generator.
-    latent_dim: size of z.
-    channels: base width of the 'cond' networks (ignored by 'paper').
-    log_every, sample_every, checkpoint_every: cadences in steps; each also
-      fires on the last step (0 for sampling: never; 0 for checkpoints: only
-      at the end).
-    samples_per_class: columns of the sample grids.
-    conv_impl: 3x3 convolutions, 'auto' | 'xla' | 'matmul' | 'onednn' (wbc_jax.models.Conv3x3).
-    resolution: (height, width) the GAN trains and samples at, each divisible by 4; ()
-      (the default) is the classifier's input. Otherwise the real images are resized to it
-      and the samples back to the classifier's input (bilinear, antialiased; see
-      ``resize_images``). The paper's GAN ran at 256x256; at 60x80 one of its steps costs
-      ~480 GFLOP per class, so a smaller resolution is the way to afford it on a CPU.
-  """
-  if kind not in GAN_KINDS:
-    raise ValueError(f'Unknown GAN kind {kind!r}; expected one of {GAN_KINDS}')
-  c = ml_collections.ConfigDict()
-  c.kind = kind
-  c.batch_size = 32
-  c.log_every = 100
-  c.sample_every = 500
-  c.checkpoint_every = 500
-  c.samples_per_class = 8
-  c.conv_impl = 'auto'  # 3x3 convolutions: see wbc_jax.models.Conv3x3
-  c.resolution = ()     # () = the classifier's input size
-  if kind == 'paper':
-    c.steps = 4000
-    c.lr_g = 1e-4
-    c.lr_d = 1e-4
-    # The study gives only the learning rate; b1 = 0.5 is the DCGAN setting
-    # (Radford et al. 2016) that its Keras architecture comes from.
-    c.b1 = 0.5
-    c.b2 = 0.999
-    c.loss_type = 'bce'
-    c.diffaug_policy = ''
-    c.r1_gamma = 0.0
-    c.ema_decay = 0.0
-    c.latent_dim = 100
-    c.channels = 0
-  else:
-    c.steps = 5000
-    c.lr_g = 2e-4
-    c.lr_d = 2e-4
-    c.b1 = 0.0
-    c.b2 = 0.99
-    c.loss_type = 'hinge'
-    c.diffaug_policy = 'color,translation,cutout'
-    c.r1_gamma = 0.0
-    c.ema_decay = 0.999
-    c.latent_dim = 128
-    c.channels = 32
-  c.lock()
-  return c
-
-
 def check_gan_config(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError on a config that cannot be trained."""
-  if config.kind not in GAN_KINDS:
-    raise ValueError(f'Unknown GAN kind {config.kind!r}; expected one of {GAN_KINDS}')
+  if config.kind not in models.GAN_KINDS:
+    raise ValueError(f'Unknown GAN kind {config.kind!r}; expected one of {models.GAN_KINDS}')
   if config.loss_type not in losses.LOSS_TYPES:
     raise ValueError(f'Unknown loss_type {config.loss_type!r}; expected one of {losses.LOSS_TYPES}')
   diffaug.parse_policy(config.diffaug_policy)
@@ -140,59 +79,6 @@ def check_gan_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f'ema_decay must be in [0, 1), got {config.ema_decay}')
   if config.kind == 'cond' and config.channels < 1:
     raise ValueError(f"kind 'cond' needs channels >= 1, got {config.channels}")
-  _check_resolution(config.get('resolution', ()), 'config.gan.resolution')
-  for view, resolution in (config.get('resolution_by_view') or {}).items():
-    _check_resolution(resolution, f'config.gan.resolution_by_view.{view}')
-
-
-def _check_resolution(resolution, name: str) -> None:
-  resolution = tuple(resolution)
-  if resolution and (len(resolution) != 2 or any(int(r) != r or r < 4 or r % 4
-                                                 for r in resolution)):
-    raise ValueError(f'{name}: expected () or (height, width), each a positive multiple of '
-                     f'4, got {resolution!r}')
-
-
-def resolution_for(config: ml_collections.ConfigDict, view: str,
-                   size: Sequence[int]) -> tuple[int, int]:
-  """(height, width) a GAN of `view` trains at: config.resolution_by_view[view], else
-  config.resolution, else `size` (the classifier's input); () means "not set"."""
-  by_view = config.get('resolution_by_view') or {}
-  chosen = tuple(by_view.get(view, ())) or tuple(config.get('resolution', ())) or tuple(size)
-  return int(chosen[0]), int(chosen[1])
-
-
-@functools.partial(jax.jit, static_argnames=('height', 'width'))
-def _resize(images: jax.Array, height: int, width: int) -> jax.Array:
-  return jax.image.resize(images, (images.shape[0], height, width, images.shape[3]),
-                          method='linear', antialias=True)
-
-
-def resize_images(images: np.ndarray, size: Sequence[int], batch: int = 256) -> np.ndarray:
-  """float [N, H, W, C] -> float32 [N, size[0], size[1], C], bilinear with antialiasing
-  when shrinking (jax.image.resize), in batches of `batch` images (one compiled program per
-  input shape, cached across calls)."""
-  images = np.asarray(images, np.float32)
-  height, width = (int(s) for s in size)
-  if images.shape[1:3] == (height, width):
-    return images
-  if not len(images):
-    return np.zeros((0, height, width, images.shape[3]), np.float32)
-  return np.concatenate([np.asarray(_resize(images[i:i + batch], height, width))
-                         for i in range(0, len(images), batch)])
-
-
-def build_models(config, height: int, width: int, num_classes: int):
-  """(generator, discriminator) flax modules for ``config.kind``."""
-  impl = config.get('conv_impl', 'auto')
-  if config.kind == 'paper':
-    return (models.PaperGenerator(height, width, latent_dim=config.latent_dim, conv_impl=impl),
-            models.PaperDiscriminator(conv_impl=impl))
-  if config.kind == 'cond':
-    return (models.CondGenerator(height, width, num_classes, latent_dim=config.latent_dim,
-                                 channels=config.channels, conv_impl=impl),
-            models.CondDiscriminator(num_classes, channels=config.channels, conv_impl=impl))
-  raise ValueError(f'Unknown GAN kind {config.kind!r}; expected one of {GAN_KINDS}')
 
 
 def make_optimizers(config):
@@ -231,7 +117,7 @@ class GANState:
 def init_gan_state(config, key: jax.Array, height: int, width: int,
                    num_classes: int) -> GANState:
   """Fresh state of one GAN; ``key`` is a raw uint32 [2] key."""
-  generator, discriminator = build_models(config, height, width, num_classes)
+  generator, discriminator = models.build_models(config, height, width, num_classes)
   g_tx, d_tx = make_optimizers(config)
   g_key, d_key, rng = (jax.random.fold_in(key, i) for i in range(3))
   z = jnp.zeros((2, config.latent_dim), jnp.float32)
@@ -290,7 +176,7 @@ def discriminator_step(state: GANState, real_images: jnp.ndarray, real_labels: j
   d_grad_norm) measured before the update.
   """
   height, width = real_images.shape[1:3]
-  generator, discriminator = build_models(config, height, width, num_classes)
+  generator, discriminator = models.build_models(config, height, width, num_classes)
   _, d_tx = make_optimizers(config)
   keys = step_keys(state.rng, state.step)
   z = jax.random.normal(keys['d_latent'], (real_images.shape[0], config.latent_dim))
@@ -343,7 +229,7 @@ def generator_step(state: GANState, labels: jnp.ndarray, *, config, height: int,
   Returns the state with new g_params / g_batch_stats / g_opt_state and
   metrics (g_loss, g_grad_norm) measured before the update.
   """
-  generator, discriminator = build_models(config, height, width, num_classes)
+  generator, discriminator = models.build_models(config, height, width, num_classes)
   g_tx, _ = make_optimizers(config)
   keys = step_keys(state.rng, state.step)
   z = jax.random.normal(keys['g_latent'], (labels.shape[0], config.latent_dim))
@@ -392,59 +278,6 @@ def gan_train_step(state: GANState, real_batch: jnp.ndarray, real_labels: jnp.nd
   return state.replace(ema_g_params=ema, step=state.step + 1), {**d_metrics, **g_metrics}
 
 
-# ----------------------------------------------------------------------------
-# Real images on device
-
-
-def make_class_pool(images: np.ndarray, labels: np.ndarray, num_classes: int):
-  """Per-class image pool for on-device sampling.
-
-  images [n, h, w, 3] float in [0, 1], labels [n] int in [0, num_classes).
-  Returns (class_images [num_classes, max_count, h, w, 3] float32 in [-1, 1],
-  zero-padded after each class's count; class_counts [num_classes] int32).
-  """
-  images = np.asarray(images, np.float32)
-  labels = np.asarray(labels)
-  if images.ndim != 4 or images.shape[-1] != 3 or labels.shape != images.shape[:1]:
-    raise ValueError(f'Expected images [n, h, w, 3] and labels [n], '
-                     f'got {images.shape}, {labels.shape}')
-  # Non-finite values pass: the train loop's guard reports them with the step.
-  finite = images[np.isfinite(images)]
-  if finite.size and (finite.min() < 0.0 or finite.max() > 1.0):
-    raise ValueError('Expected images in [0, 1]')
-  if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-    raise ValueError(f'labels must lie in [0, {num_classes})')
-  counts = np.bincount(labels, minlength=num_classes).astype(np.int32)
-  if np.any(counts == 0):
-    raise ValueError(f'Every class needs at least one image; counts per class: {counts.tolist()}')
-  pool = np.zeros((num_classes, counts.max()) + images.shape[1:], np.float32)
-  for c in range(num_classes):
-    pool[c, :counts[c]] = images[labels == c] * 2.0 - 1.0
-  return pool, counts
-
-
-def sample_class_batch(key, class_images, class_counts, class_index, batch_size: int):
-  """``batch_size`` images of one class drawn with replacement.
-
-  class_images [classes, max_count, h, w, 3]; class_counts [classes];
-  class_index int []. Returns (images [b, h, w, 3], labels [b]).
-  """
-  idx = jax.random.randint(key, (batch_size,), 0, class_counts[class_index])
-  labels = jnp.full((batch_size,), class_index, jnp.int32)
-  return class_images[class_index, idx], labels
-
-
-def sample_balanced_batch(key, class_images, class_counts, batch_size: int):
-  """Class-balanced batch: each slot draws a class uniformly, then one of its images.
-
-  Returns (images [b, h, w, 3], labels [b]).
-  """
-  key_class, key_image = jax.random.split(key)
-  labels = jax.random.randint(key_class, (batch_size,), 0, class_images.shape[0])
-  idx = jax.random.randint(key_image, (batch_size,), 0, class_counts[labels])
-  return class_images[labels, idx], labels.astype(jnp.int32)
-
-
 def train_step_from_pool(state: GANState, class_images, class_counts, class_index,
                          *, config, num_classes: int) -> tuple[GANState, dict]:
   """Sample this GAN's real batch on device, then ``gan_train_step``.
@@ -454,42 +287,60 @@ def train_step_from_pool(state: GANState, class_images, class_counts, class_inde
   """
   key = step_keys(state.rng, state.step)['data']
   if config.kind == 'paper':
-    images, labels = sample_class_batch(key, class_images, class_counts, class_index,
-                                        config.batch_size)
+    images, labels = data.sample_class_batch(key, class_images, class_counts, class_index,
+                                             config.batch_size)
   else:
-    images, labels = sample_balanced_batch(key, class_images, class_counts, config.batch_size)
+    images, labels = data.sample_balanced_batch(key, class_images, class_counts,
+                                                config.batch_size)
   return gan_train_step(state, images, labels, config=config, num_classes=num_classes)
 
 
-def model_config(config) -> ml_collections.FrozenConfigDict:
-  """The hashable part of ``config`` that defines the computation.
+@dataclasses.dataclass
+class GANPrograms:
+  """The jitted programs of one GAN config at one image size (compiled once per shape).
 
-  Schedule fields are left out, so runs that differ only in length or
-  cadence share one compiled program.
+    init(key [2])                                   -> GANState of one GAN
+    train_step(states, class_images, class_counts, class_index [members])
+                                                    -> states, metrics [members]
+  train_step is `train_step_from_pool` vmapped over the stacked members (`member_layout`);
+  the image pool (`data.make_class_pool`) is shared, not copied per member, and the states
+  are donated. Each member is initialised by the one-GAN init (the same numbers as a vmapped
+  init, which compiles far more slowly on CPU) and stacked on the host (`init_gan_states`).
   """
-  return ml_collections.FrozenConfigDict(
-      {k: v for k, v in config.to_dict().items() if k not in _SCHEDULE_FIELDS})
+  init: Callable
+  train_step: Callable
 
 
-# What init_gan_state reads from the config (optimizer values only shape
-# nothing, but are read to build the optimizers).
-_INIT_FIELDS = ('kind', 'latent_dim', 'channels', 'lr_g', 'lr_d', 'b1', 'b2')
+def make_programs(config, *, height: int, width: int, num_classes: int) -> GANPrograms:
+  """The programs of `config` (`config.gan`'s fields) for images of height x width."""
+  config = ml_collections.FrozenConfigDict(config)  # the programs close over it
+  init = jax.jit(functools.partial(init_gan_state, config, height=height, width=width,
+                                   num_classes=num_classes))
+  step = jax.jit(jax.vmap(functools.partial(train_step_from_pool, config=config,
+                                            num_classes=num_classes),
+                          in_axes=(0, None, None, 0)), donate_argnums=0)
+  return GANPrograms(init=init, train_step=step)
 
 
-@functools.partial(jax.jit, static_argnames=('config', 'height', 'width', 'num_classes'))
-def _init_one(key, *, config, height, width, num_classes):
-  return init_gan_state(config, key, height, width, num_classes)
+_PROGRAMS: dict = {}
+
+
+def programs_for(config, *, height: int, width: int, num_classes: int) -> GANPrograms:
+  """make_programs, built once per computation in this process: runs that differ only in
+  their schedule (length, cadences; `SCHEDULE_FIELDS`) share the compiled programs."""
+  computation = {k: v for k, v in config.to_dict().items() if k not in SCHEDULE_FIELDS}
+  key = (json.dumps(computation, sort_keys=True, default=list), height, width, num_classes)
+  if key not in _PROGRAMS:
+    if len(_PROGRAMS) >= 4:
+      _PROGRAMS.pop(next(iter(_PROGRAMS)))
+    _PROGRAMS[key] = make_programs(config, height=height, width=width, num_classes=num_classes)
+  return _PROGRAMS[key]
 
 
 def init_gan_states(keys, config, *, height: int, width: int, num_classes: int) -> GANState:
-  """Fresh states stacked over [members], one per key in ``keys`` [members, 2].
-
-  Each member is initialised by one compiled single-GAN init (the same
-  numbers as a vmapped init, which compiles far more slowly on CPU).
-  """
-  init_config = ml_collections.FrozenConfigDict({k: config[k] for k in _INIT_FIELDS})
-  states = [_init_one(key, config=init_config, height=height, width=width,
-                      num_classes=num_classes) for key in keys]
+  """Fresh states stacked over [members], one per key in ``keys`` [members, 2]."""
+  init = programs_for(config, height=height, width=width, num_classes=num_classes).init
+  states = [init(key) for key in keys]
   # Stacked on the host: a device stack would compile one program per leaf shape.
   stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *states)
   return _to_device(stacked)
@@ -504,20 +355,6 @@ def _to_device(tree):
 def member_state(stacked: GANState, index: int) -> GANState:
   """The ``index``-th GAN of a stacked state (see ``member_layout``)."""
   return _to_device(jax.tree.map(lambda x: np.asarray(x)[index], stacked))
-
-
-@functools.partial(jax.jit, static_argnames=('config', 'num_classes'), donate_argnums=0)
-def train_gans_step(states: GANState, class_images, class_counts, class_index,
-                    *, config, num_classes: int) -> tuple[GANState, dict]:
-  """``train_step_from_pool`` for every member at once.
-
-  states stacked over [members]; class_index [members]; the image pool is
-  shared (not copied per member). Metrics are [members]. ``config`` must be
-  hashable (``model_config(config)``); ``states`` is donated.
-  """
-  step = functools.partial(train_step_from_pool, config=config, num_classes=num_classes)
-  return jax.vmap(step, in_axes=(0, None, None, 0))(states, class_images, class_counts,
-                                                    class_index)
 
 
 def member_layout(config, seeds: Sequence[int], num_classes: int):
@@ -550,10 +387,7 @@ def _is_time(step: int, every: int, total: int) -> bool:
 
 def _run_identity(config, images, labels, seeds, num_classes) -> dict:
   """What must not change between a run and its resumption."""
-  # The resolution shows in image_shape (the images this run trains on); leaving its fields
-  # out keeps runs made before they existed resumable.
-  cfg = {k: v for k, v in config.to_dict().items()
-         if k not in _RESUMABLE_FIELDS + ('resolution', 'resolution_by_view')}
+  cfg = {k: v for k, v in config.to_dict().items() if k not in _RESUMABLE_FIELDS}
   digest = hashlib.sha1(np.ascontiguousarray(images, np.float32).tobytes())
   digest.update(np.ascontiguousarray(labels, np.int64).tobytes())
   return {'config': cfg, 'seeds': [int(s) for s in seeds], 'num_classes': int(num_classes),
@@ -575,10 +409,10 @@ def _write_samples(path: Path, state, config, *, height, width, num_classes) -> 
   """Grid: one row per class, ``samples_per_class`` columns, from seed 0."""
   n = config.samples_per_class
   # Fixed noise, so that grids of successive steps show the same latents.
-  images, _ = generate(state, config, num_per_class=[n] * num_classes,
-                       key=jax.random.PRNGKey(0), height=height, width=width,
-                       num_classes=num_classes)
-  save_image_grid(path, images.reshape(num_classes, n, height, width, 3))
+  images, _ = sample.generate(state, config, num_per_class=[n] * num_classes,
+                              key=jax.random.PRNGKey(0), height=height, width=width,
+                              num_classes=num_classes)
+  plots.save_image_grid(images.reshape(num_classes, n, height, width, 3), path)
 
 
 def train_gans(config, images: np.ndarray, labels: np.ndarray, *, num_classes: int,
@@ -600,7 +434,7 @@ def train_gans(config, images: np.ndarray, labels: np.ndarray, *, num_classes: i
   check_gan_config(config)
   images = np.asarray(images, np.float32)
   labels = np.asarray(labels).astype(np.int32)
-  class_images, class_counts = make_class_pool(images, labels, num_classes)
+  class_images, class_counts = data.make_class_pool(images, labels, num_classes)
   height, width = images.shape[1:3]
   workdir = Path(workdir).resolve()
   workdir.mkdir(parents=True, exist_ok=True)
@@ -616,7 +450,7 @@ def train_gans(config, images: np.ndarray, labels: np.ndarray, *, num_classes: i
     utils.write_json(str(run_file), identity)
 
   keys, class_index = member_layout(config, seeds, num_classes)
-  static_config = model_config(config)
+  programs = programs_for(config, height=height, width=width, num_classes=num_classes)
   state = init_gan_states(keys, config, height=height, width=width, num_classes=num_classes)
 
   done_file = workdir / 'DONE.json'
@@ -640,11 +474,10 @@ def train_gans(config, images: np.ndarray, labels: np.ndarray, *, num_classes: i
         return state
       done_file.unlink()  # the run is being extended
 
-    step_fn = functools.partial(train_gans_step, config=static_config, num_classes=num_classes)
     class_images, class_counts = _to_device((class_images, class_counts))
     t_first, first_done = None, None
     for step in range(start, config.steps):
-      state, metrics = step_fn(state, class_images, class_counts, class_index)
+      state, metrics = programs.train_step(state, class_images, class_counts, class_index)
       metrics = jax.device_get(metrics)
       for name, value in metrics.items():
         bad = ~np.isfinite(value)
@@ -680,70 +513,3 @@ def train_gans(config, images: np.ndarray, labels: np.ndarray, *, num_classes: i
     return state
   finally:
     mngr.close()
-
-
-# ----------------------------------------------------------------------------
-# Generation
-
-
-@functools.partial(jax.jit, static_argnames=('generator', 'latent_dim', 'batch_size'))
-def _sample(variables, member, class_key, class_index, start, *, generator, latent_dim,
-            batch_size):
-  """Images start .. start+batch_size-1 of one class from stacked ``variables``.
-
-  Image j's latent is normal(fold_in(class_key, j)), so the images do not
-  depend on how a request is split into batches. -> [batch_size, h, w, 3] in [0, 1].
-  """
-  variables = jax.tree.map(lambda x: x[member], variables)
-  keys = jax.vmap(lambda j: jax.random.fold_in(class_key, j))(start + jnp.arange(batch_size))
-  z = jax.vmap(lambda k: jax.random.normal(k, (latent_dim,)))(keys)
-  labels = jnp.full((batch_size,), class_index, jnp.int32)
-  images = generator.apply(variables, z, labels, train=False)
-  return jnp.clip((images + 1.0) / 2.0, 0.0, 1.0)
-
-
-def generate(state: GANState, config, *, num_per_class: Mapping[int, int] | Sequence[int],
-             key: jax.Array, height: int, width: int, num_classes: int,
-             seed_index: int = 0, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-  """Images from the trained generators of one seed.
-
-  ``state`` is stacked over members as returned by ``train_gans``;
-  ``seed_index`` picks the seed (its position in ``seeds``). Uses the EMA
-  generator when ``config.ema_decay > 0`` and BatchNorm running statistics.
-  ``num_per_class`` is {class: count} or [count per class]. Image j of class
-  c has latent normal(fold_in(fold_in(key, c), j)).
-
-  Returns (images [m, height, width, 3] float32 in [0, 1], labels [m] int32),
-  grouped by class in increasing order.
-  """
-  if isinstance(num_per_class, Mapping):
-    counts = [0] * num_classes
-    for c, n in num_per_class.items():
-      if not 0 <= c < num_classes:
-        raise ValueError(f'class {c} outside [0, {num_classes})')
-      counts[c] = int(n)
-  else:
-    counts = [int(n) for n in num_per_class]
-    if len(counts) != num_classes:
-      raise ValueError(f'num_per_class has {len(counts)} entries, expected {num_classes}')
-  generator, _ = build_models(config, height, width, num_classes)
-  variables = {'params': state.ema_g_params if config.ema_decay > 0 else state.g_params,
-               'batch_stats': state.g_batch_stats}
-  members = state.step.shape[0]
-  all_images, all_labels = [], []
-  for c, n in enumerate(counts):
-    if n <= 0:
-      continue
-    member = seed_index * num_classes + c if config.kind == 'paper' else seed_index
-    if not 0 <= member < members:
-      raise ValueError(f'seed_index {seed_index} out of range for {members} stacked GANs')
-    class_key = jax.random.fold_in(key, c)
-    for start in range(0, n, batch_size):
-      # Always a full batch, so that every call reuses one compiled program.
-      images = _sample(variables, member, class_key, c, start, generator=generator,
-                       latent_dim=config.latent_dim, batch_size=batch_size)
-      all_images.append(np.asarray(images)[:n - start])
-    all_labels.append(np.full((n,), c, np.int32))
-  if not all_images:
-    return np.zeros((0, height, width, 3), np.float32), np.zeros((0,), np.int32)
-  return np.concatenate(all_images), np.concatenate(all_labels)

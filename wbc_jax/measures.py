@@ -1,6 +1,6 @@
 r"""Measures of synthetic images: KID, FID, Classification Accuracy Score, memorisation.
 
-  python -m wbc_jax.gan.measures --workdir=WORKDIR
+  python -m wbc_jax.measures --workdir=WORKDIR
 
 measures every WORKDIR/<view>/<split>/gan_<kind>/synthetic.npz of an ablation that has no
 measures.json beside it yet (the ablation does the same at its end with
@@ -42,7 +42,6 @@ GANs and splits within this project, not with published FID or KID values.
 from __future__ import annotations
 
 import functools
-import glob
 import os
 import time
 import warnings
@@ -50,17 +49,16 @@ from typing import Callable
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import scipy.linalg
 from scipy.spatial import distance
 
 from wbc_jax import input_pipeline as ip
-from wbc_jax import models
+from wbc_jax import plots
+from wbc_jax import rundir
 from wbc_jax import train
 from wbc_jax import utils
-from wbc_jax.gan.grid import save_image_grid
 
 # The module path of the penultimate Dense layer (before its ReLU) in the paper's models.
 PENULTIMATE = ('ClassifierHead_0', 'Dense_0')
@@ -190,47 +188,10 @@ def extract_features(model: nn.Module, variables, images: np.ndarray,
   return np.concatenate(out)
 
 
-def restore_seed0(run_dir: str) -> tuple[nn.Module, dict]:
-  """The model of a finished run and seed 0's validation-selected variables.
-
-  run_dir holds config.json, results.json and checkpoints/ (see train.train_and_evaluate,
-  which saves Composite(state=StandardSave(TrainState), meta=JsonSave)).
-  """
-  config = ml_collections.ConfigDict(utils.read_json(os.path.join(run_dir, 'config.json')))
-  results = utils.read_json(os.path.join(run_dir, 'results.json'))
-  model = models.get_model(results['model'], num_classes=len(results['class_names']),
-                           conv_impl=config.train.conv_impl)
-  image_shape = ((*config.data.frame_size, 3) if config.data.view == 'frame'
-                 else (config.data.crop_size, config.data.crop_size, 3))
-  if config.train.get('standardize', False):
-    # The features below are taken from images in [0, 1], as the feature CNN was trained.
-    raise ValueError(f'{run_dir}: the measures need a feature CNN trained without '
-                     'config.train.standardize.')
-  init = jax.vmap(functools.partial(train.create_train_state, model=model,
-                                    tx=train.make_optimizer(config.train),
-                                    image_shape=tuple(image_shape),
-                                    ema=config.train.get('ema_decay', 0.0) > 0))
-  state = train.restore_run_state(run_dir, jax.eval_shape(init, train.seed_keys(results['seeds'])))
-  seed0 = lambda tree: jax.tree.map(lambda a: np.asarray(a[0]), tree)
-  variables = {'params': seed0(state.best_params)}
-  if state.best_batch_stats:
-    variables['batch_stats'] = seed0(state.best_batch_stats)
-  return model, variables
-
-
-def _run_config(config, view: str, regime: str):
-  run_config = config.copy_and_resolve_references()
-  with run_config.unlocked():
-    run_config.data.view = view
-    run_config.model = FEATURE_MODEL
-    run_config.regime = regime
-  return run_config
-
-
 def _train_once(run_config, run_dir: str, *, examples: ip.Examples, split: ip.Split,
                 log: Callable) -> dict:
   """train.train_and_evaluate, unless run_dir/results.json marks it done; -> results."""
-  results_path = os.path.join(run_dir, 'results.json')
+  results_path = os.path.join(run_dir, rundir.RESULTS)
   if os.path.exists(results_path):
     return utils.read_json(results_path)
   results = train.train_and_evaluate(run_config, run_dir, examples=examples, split=split,
@@ -247,16 +208,15 @@ def feature_run(config, workdir: str, view: str, examples: ip.Examples, split: i
   The ablation's 'original' 'cnn' run of (view, split) when it is complete; otherwise one
   trained here, into WORKDIR/<view>/<split>/measures/feature_cnn.
   """
-  from wbc_jax import ablation
-  run_dir = ablation.run_dir(workdir, view, split.name, 'original', FEATURE_MODEL)
-  if os.path.exists(os.path.join(run_dir, 'results.json')):
+  run_dir = rundir.run_dir(workdir, view, split.name, 'original', FEATURE_MODEL)
+  if rundir.is_finished(run_dir):
     return run_dir
-  run_dir = os.path.join(workdir, view, split.name, 'measures', 'feature_cnn')
-  if not os.path.exists(os.path.join(run_dir, 'results.json')):
+  run_dir = rundir.feature_cnn_dir(workdir, view, split.name)
+  if not rundir.is_finished(run_dir):
     log(f'  no original/{FEATURE_MODEL} run of {view} {split.name}: training the feature CNN '
         f'into {run_dir}')
-  _train_once(_run_config(config, view, 'original'), run_dir, examples=examples, split=split,
-              log=log)
+  _train_once(rundir.run_config(config, view, 'original', FEATURE_MODEL), run_dir,
+              examples=examples, split=split, log=log)
   return run_dir
 
 
@@ -312,7 +272,7 @@ def classification_accuracy_score(run_config, cas_dir: str, *, examples: ip.Exam
   marks it done). Returns accuracy and balanced accuracy, per seed (mean, std) and of the
   seed ensemble, and the training budget.
   """
-  steps = train.epoch_steps(run_config.train, num_real=len(split.train), num_extra=0)
+  steps = ip.epoch_steps(run_config.train, num_real=len(split.train), num_extra=0)
   run_config = run_config.copy_and_resolve_references()
   with run_config.unlocked():
     run_config.train.max_steps_per_epoch = steps
@@ -366,13 +326,13 @@ def _write_grids(gan_dir, real_images, real_y, fake_images, fake_y, pix_d, pix_n
   pick = lambda x: [x[k] if k < len(x) else white for k in range(per_row)]
   rows = [pick(real_images[real_y == c]) + [white] + pick(fake_images[fake_y == c])
           for c in range(num_classes)]
-  save_image_grid(os.path.join(gan_dir, 'real_vs_synthetic.png'), np.asarray(rows) / 255.0)
+  plots.save_image_grid(np.asarray(rows) / 255.0, os.path.join(gan_dir, 'real_vs_synthetic.png'))
   names = ['real_vs_synthetic.png']
   for space, d, nn_index in (('pixel', pix_d, pix_nn), ('feature', feat_d, feat_nn)):
     order = np.argsort(d, kind='stable')[:pairs]
     pairs_grid = np.stack([fake_images[order], real_images[nn_index[order]]])
     name = f'closest_pairs_{space}.png'
-    save_image_grid(os.path.join(gan_dir, name), pairs_grid / 255.0)
+    plots.save_image_grid(pairs_grid / 255.0, os.path.join(gan_dir, name))
     names.append(name)
   return names
 
@@ -381,7 +341,7 @@ def measure_gan(config, workdir: str, view: str, gan_dir: str, *, examples: ip.E
                 split: ip.Split, log: Callable = print) -> dict:
   """All measures of one GAN's synthetic.npz; writes measures.json (last) and the PNGs."""
   t0 = time.time()
-  with np.load(os.path.join(gan_dir, 'synthetic.npz')) as z:
+  with np.load(os.path.join(gan_dir, rundir.SYNTHETIC)) as z:
     fake_images, fake_y = z['images'], z['labels']
   class_names = examples.class_names
   paper = config.split.protocol == 'paper'
@@ -389,7 +349,8 @@ def measure_gan(config, workdir: str, view: str, gan_dir: str, *, examples: ip.E
   gan_train = np.arange(len(examples)) if paper else split.train
   real_images, real_y = examples.images[gan_train], examples.labels[gan_train]
   out = {
-      'view': view, 'split': split.name, 'gan_kind': os.path.basename(gan_dir)[len('gan_'):],
+      'view': view, 'split': split.name,
+      'gan_kind': os.path.basename(gan_dir)[len(rundir.GAN_PREFIX):],
       'protocol': config.split.protocol,
       'n_real': ip.class_counts(real_y, class_names),
       'n_synthetic': ip.class_counts(fake_y, class_names),
@@ -401,11 +362,16 @@ def measure_gan(config, workdir: str, view: str, gan_dir: str, *, examples: ip.E
                         'images included, so CAS overstates what the synthetic images teach.')
   if len(fake_y) == 0:
     out['notes'].append('No synthetic images: every class already had its target count.')
-    utils.write_json(os.path.join(gan_dir, 'measures.json'), out)
+    utils.write_json(os.path.join(gan_dir, rundir.MEASURES), out)
     return out
 
   feature_dir = feature_run(config, workdir, view, examples, split, log)
-  model, variables = restore_seed0(feature_dir)
+  feature_cnn = rundir.restore_run(feature_dir)
+  if feature_cnn.config.train.standardize:
+    # The features below are taken from images in [0, 1], as the feature CNN was trained.
+    raise ValueError(f'{feature_dir}: the measures need a feature CNN trained without '
+                     'config.train.standardize.')
+  model, variables = feature_cnn.model, feature_cnn.seed_variables(0)
   real_f = extract_features(model, variables, real_images)
   fake_f = extract_features(model, variables, fake_images)
   out['feature_space'] = {
@@ -443,15 +409,14 @@ def measure_gan(config, workdir: str, view: str, gan_dir: str, *, examples: ip.E
   out['files'] = _write_grids(gan_dir, real_images, real_y, fake_images, fake_y, pix_d, pix_nn,
                               feat_d, feat_nn, len(class_names))
 
-  run_config = ml_collections.ConfigDict(utils.read_json(os.path.join(feature_dir, 'config.json')))
+  run_config = feature_cnn.config
   log(f'  CAS: training {run_config.num_seeds} seeds x {run_config.train.epochs} epochs on the '
       f'{len(fake_y)} synthetic images alone')
   out['cas'] = classification_accuracy_score(
       run_config, os.path.join(gan_dir, 'cas'), examples=examples, split=split,
       images=fake_images, labels=fake_y, log=log)
   out['cas']['run_dir'] = os.path.relpath(out['cas']['run_dir'], workdir)  # like feature_space's
-  out['cas']['real_trained'] = _real_trained(
-      utils.read_json(os.path.join(feature_dir, 'results.json')))
+  out['cas']['real_trained'] = _real_trained(feature_cnn.results)
   missing = [n for n, k in out['n_synthetic'].items() if k == 0]
   if missing:
     out['notes'].append(f'CAS: no synthetic images of {", ".join(missing)} (those classes had '
@@ -460,7 +425,7 @@ def measure_gan(config, workdir: str, view: str, gan_dir: str, *, examples: ip.E
       f'{out["cas"]["balanced_accuracy_mean"]:.3f}); trained on real images: '
       f'{out["cas"]["real_trained"]["accuracy_mean"]:.3f}')
   out['seconds'] = time.time() - t0
-  utils.write_json(os.path.join(gan_dir, 'measures.json'), out)
+  utils.write_json(os.path.join(gan_dir, rundir.MEASURES), out)
   return out
 
 
@@ -469,30 +434,29 @@ def measure_workdir(workdir: str, config=None, log: Callable = print) -> list[st
   measures.json; config: the ablation's (default: WORKDIR/config.json).
   Returns the measures.json paths written."""
   if config is None:
-    config = ml_collections.ConfigDict(utils.read_json(os.path.join(workdir, 'config.json')))
-  caches = sorted(glob.glob(os.path.join(workdir, '*', '*', 'gan_*', 'synthetic.npz')))
+    config = ml_collections.ConfigDict(rundir.read_config(workdir))
+  gans = rundir.find_gan_dirs(workdir, with_synthetic=True)
   written, by_view = [], {}
-  for i, cache in enumerate(caches):
-    gan_dir = os.path.dirname(cache)
-    split_dir = os.path.dirname(gan_dir)
-    view, split_name = os.path.basename(os.path.dirname(split_dir)), os.path.basename(split_dir)
-    tag = f'[{i + 1}/{len(caches)}] {os.path.relpath(gan_dir, workdir)}'
-    if os.path.exists(os.path.join(gan_dir, 'measures.json')):
+  for i, gan in enumerate(gans):
+    tag = f'[{i + 1}/{len(gans)}] {os.path.relpath(gan.path, workdir)}'
+    if os.path.exists(os.path.join(gan.path, rundir.MEASURES)):
       log(f'{tag}: measured, skipped')
       continue
-    if view not in by_view:
-      data_config = _run_config(config, view, 'original').data
-      examples = ip.load_examples(data_config)
-      by_view[view] = (examples, {s.name: s for s in ip.make_splits(examples.labels, config.split)})
-    examples, splits = by_view[view]
-    if split_name not in splits:
-      raise ValueError(f'{gan_dir}: split {split_name!r} is not one of the {config.split.protocol} '
-                       f'protocol of {workdir}/config.json ({", ".join(splits)})')
+    if gan.view not in by_view:
+      examples = ip.load_examples(rundir.run_config(config, gan.view, 'original',
+                                                    FEATURE_MODEL).data)
+      by_view[gan.view] = (examples, {s.name: s for s in ip.make_splits(examples.labels,
+                                                                        config.split)})
+    examples, splits = by_view[gan.view]
+    if gan.split not in splits:
+      raise ValueError(f'{gan.path}: split {gan.split!r} is not one of the '
+                       f'{config.split.protocol} protocol of {workdir}/config.json '
+                       f'({", ".join(splits)})')
     log(f'{tag}: measuring')
     t0 = time.time()
-    measure_gan(config, workdir, view, gan_dir, examples=examples, split=splits[split_name],
+    measure_gan(config, workdir, gan.view, gan.path, examples=examples, split=splits[gan.split],
                 log=log)
-    written.append(os.path.join(gan_dir, 'measures.json'))
+    written.append(os.path.join(gan.path, rundir.MEASURES))
     log(f'{tag}: done in {utils.format_duration(time.time() - t0)}')
   return written
 
