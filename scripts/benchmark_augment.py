@@ -37,6 +37,7 @@ from wbc_jax import augment  # noqa: E402
 from wbc_jax import input_pipeline as ip  # noqa: E402
 from wbc_jax import models  # noqa: E402
 from wbc_jax import train  # noqa: E402
+from wbc_jax import utils  # noqa: E402
 
 SEEDS, BATCH, SIZE, STEPS = 2, 32, 64, 8
 
@@ -104,7 +105,7 @@ def main(argv=None):
       'command': 'python ' + ' '.join([os.path.relpath(__file__, ROOT), *sys.argv[1:]]),
       'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
       'machine': {'processor': platform.processor() or platform.machine(),
-                  'cpus': os.cpu_count(), 'cpu_model': _cpu_model()},
+                  'cpus': os.cpu_count(), 'cpu_model': utils.cpu_model()},
       'jax': jax.__version__, 'reps': args.reps, 'seeds': SEEDS, 'batch': BATCH, 'size': SIZE,
       'images_per_second': {k: {'median': med[k], 'all': v} for k, v in rates.items()},
       'in_step_augmentation_share_of_step': share,
@@ -127,17 +128,6 @@ def main(argv=None):
     json.dump(result, f, indent=2)
   with open(os.path.join(args.out, 'benchmark_augment.md'), 'w') as f:
     f.write(text)
-
-
-def _cpu_model() -> str:
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or 'unknown'
 
 
 if __name__ == '__main__':

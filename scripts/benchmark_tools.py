@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from wbc_jax import utils
+
 NUM_CLASSES = 4
 
 _T0 = time.perf_counter()
@@ -41,18 +43,9 @@ def usable_cores() -> int:
 
 
 def machine_info() -> dict[str, Any]:
-  cpu_model = platform.processor() or platform.machine()
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          cpu_model = line.split(':', 1)[1].strip()
-          break
-  except OSError:
-    pass
   device = jax.devices()[0]
   return {
-      'cpu_model': cpu_model,
+      'cpu_model': utils.cpu_model(),
       'cpu_count': os.cpu_count(),
       'usable_cores': usable_cores(),
       'memory_gb': round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30, 1),

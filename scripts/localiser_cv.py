@@ -16,7 +16,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shlex
 import sys
 import time
@@ -40,17 +39,6 @@ def load_config(spec: str):
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   return module.get_config(arg or None)
-
-
-def cpu_name() -> str:
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
 
 
 def run_split(raw, split, config) -> dict:
@@ -148,7 +136,7 @@ def main(argv=None) -> int:
     per_split.append(result)
   summary = summarise(per_split)
   header = {'command': 'python scripts/localiser_cv.py ' + shlex.join(argv or sys.argv[1:]),
-            'machine': f'{cpu_name()}, {os.cpu_count()} CPUs',
+            'machine': f'{utils.cpu_model()}, {os.cpu_count()} CPUs',
             'date': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
             'wall': f'{time.perf_counter() - start:.0f} s (this invocation; splits finished '
                     'before are read back, not refitted)'}

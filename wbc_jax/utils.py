@@ -109,3 +109,15 @@ def write_scalars(writers: list, row: dict) -> None:
       if isinstance(value, list):
         w.add_scalar(key, value[i], row['epoch'])
     w.flush()
+
+
+def cpu_model() -> str:
+  """The CPU's model name (/proc/cpuinfo), for the machine line of recorded results."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
