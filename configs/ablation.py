@@ -180,6 +180,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.label_smoothing = 0.0
   c.train.logit_adjust_tau = 0.0  # > 0: logit-adjusted loss (Menon et al., 2021)
   c.train.ema_decay = 0.0     # > 0: evaluate a moving average of the weights
+  c.train.prior_correction = 0.0  # tau > 0: predictions times (training prior) ** tau
+  c.train.fit_on = 'train'    # 'train' | 'train+val' (refit on both; needs select='last')
   c.train.standardize = False  # per-channel standardisation with training-image statistics
   # Which epoch's parameters are tested: 'val_accuracy' (the paper's), 'val_balanced_accuracy',
   # 'val_loss', or 'last' (the end of a fixed schedule).

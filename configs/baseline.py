@@ -23,7 +23,13 @@ The recipe (every part a config field, the rest as `configs/ablation.py`):
            batch 32 per seed, with a moving average of the weights (decay 0.99);
   select   'last': the fixed schedule's end, with the averaged weights, evaluated with
            test-time augmentation (mean over the 8 flips/rotations) and the seed ensemble;
-           the per-epoch validation curves use one view (`train.curve_tta=False`), 8x cheaper.
+           the per-epoch validation curves use one view (`train.curve_tta=False`), 8x cheaper;
+  prior    the probabilities times (training prior) ** 0.25 (`train.prior_correction`),
+           chosen on validation images (experiments/baseline/prior.md): balanced sampling
+           makes the model predict as if every class were equally common;
+  refit    every choice above was made on validation; the recorded runs then train on the
+           training and validation images together (`train.fit_on='train+val'`), so the
+           validation curves of those runs are on images they trained on.
 The regime is 'original+trad' (real images + this augmentation) and the run directories keep
 the layout WORKDIR/crop/<split>/original_trad/cellnet/.
 
@@ -105,6 +111,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.ema_decay = 0.99
     c.train.standardize = True
     c.train.select = 'last'
+    c.train.prior_correction = 0.25
+    c.train.fit_on = 'train+val'
     c.train.tta = True
     c.train.curve_tta = False       # per-epoch curves on one view: 8x cheaper
     c.train.checkpoint_every_epochs = 4

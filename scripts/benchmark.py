@@ -207,7 +207,7 @@ def prepare_classifier(programs, seeds: int, batch: int, image_shape):
   images = batch_dev['image'][0]
 
   def predict_args():
-    return runner.state.params, runner.state.batch_stats, images, runner.state.input_norm
+    return runner.state.params, runner.state.batch_stats, images, runner.state.predict_consts
 
   return runner, predict_args
 

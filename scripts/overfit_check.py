@@ -25,5 +25,5 @@ for ep in range(int(sys.argv[3])):
   for b in ip.train_batches(x, y, seeds=[0], epoch=ep, batch_size=32, aug=c.augment, augment=False):
     st, met = p.train_step(st, b, cw)
   if ep % 5 == 4:
-    pr = evaluation.predict_probs(p.predict, st.params, st.batch_stats, x, 64, st.input_norm)
+    pr = evaluation.predict_probs(p.predict, st.params, st.batch_stats, x, 64, st.predict_consts)
     print(ep + 1, float(met['loss'][0])/32, (pr.argmax(-1)==y).mean(), flush=True)

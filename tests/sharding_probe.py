@@ -78,7 +78,7 @@ def main(run_dir: str) -> dict:
     # Evaluation batches of any size, split along 'data' inside the program; 5 rows do
     # not split evenly over 2 devices.
     probs[name] = sharding.to_host(p.predict(s.params, s.batch_stats, batch['image'][0, :5],
-                                                   s.input_norm))
+                                                   s.predict_consts))
     if name == 'seed2_data2':
       out['data_parallel_batch'] = layout(b)
       out['data_parallel_state'] = layout(s)

@@ -252,13 +252,44 @@ def test_select_best_keeps_the_first_best_and_last_keeps_the_end():
 def test_tta_is_the_mean_of_the_8_explicit_views():
   model, _, state = _tiny_state()
   images = jax.random.uniform(jax.random.PRNGKey(6), (3, 16, 16, 3))
-  norm = (jnp.array([0.5, 0.4, 0.3]), jnp.array([0.2, 0.25, 0.3]))
+  norm = (jnp.array([0.5, 0.4, 0.3]), jnp.array([0.2, 0.25, 0.3]), jnp.zeros(4))
   tta = train.predict_step(state.params, state.batch_stats, images, norm, model=model, tta=True)
   views = [train.predict_step(state.params, state.batch_stats,
                               jax.vmap(lambda x, k=k: augment.d4(x, jnp.int32(k)))(images), norm,
                               model=model) for k in range(8)]
   np.testing.assert_allclose(tta, np.mean(views, axis=0), atol=1e-6)
   assert not np.allclose(views[0], views[5], atol=1e-4)  # the views do differ
+
+
+@pytest.mark.parametrize('tta', [False, True])
+def test_prior_correction_multiplies_by_the_prior_to_the_tau(tta):
+  model, _, state = _tiny_state()
+  images = jax.random.uniform(jax.random.PRNGKey(7), (5, 16, 16, 3))
+  mean, std = jnp.array([0.5, 0.4, 0.3]), jnp.array([0.2, 0.25, 0.3])
+  labels = np.array([0] * 6 + [1] * 3 + [2] + [3] * 10)
+  bias = train.prior_log_bias(labels, 4, 0.25)
+  np.testing.assert_allclose(bias, 0.25 * np.log([6 / 20, 3 / 20, 1 / 20, 10 / 20]), rtol=1e-6)
+  plain = train.predict_step(state.params, state.batch_stats, images, (mean, std, jnp.zeros(4)),
+                             model=model, tta=tta)
+  fixed = train.predict_step(state.params, state.batch_stats, images, (mean, std, bias),
+                             model=model, tta=tta)
+  expected = np.asarray(plain) * np.array([6, 3, 1, 10]) ** 0.25
+  np.testing.assert_allclose(fixed, expected / expected.sum(-1, keepdims=True), atol=1e-6)
+  assert not np.allclose(fixed, plain, atol=1e-3)
+
+
+def test_fit_on_train_and_val_needs_a_fixed_schedule():
+  split = ip.Split(name='s', train=np.array([0, 1, 2]), val=np.array([3, 4]), test=np.array([5]))
+  tc = config_sections.section('train', fit_on='train', select='val_loss')
+  np.testing.assert_array_equal(train.fit_indices(split, tc), [0, 1, 2])
+  tc.fit_on, tc.select = 'train+val', 'last'
+  np.testing.assert_array_equal(train.fit_indices(split, tc), [0, 1, 2, 3, 4])
+  tc.select = 'val_loss'
+  with pytest.raises(ValueError, match="select must be 'last'"):
+    train.fit_indices(split, tc)
+  tc.fit_on = 'everything'
+  with pytest.raises(ValueError, match="fit_on: unknown value 'everything'"):
+    train.fit_indices(split, tc)
 
 
 def test_loss_constants():
@@ -297,7 +328,8 @@ def _baseline_config(test_config, **train_fields):
 
 
 def test_statistics_come_from_training_images_only(test_config, tmp_path):
-  config = _baseline_config(test_config, epochs=1, steps_per_epoch=1)
+  # fit_on='train': the recorded recipe refits on train + val once every choice is made.
+  config = _baseline_config(test_config, epochs=1, steps_per_epoch=1, fit_on='train')
   data = config.data.copy_and_resolve_references()
   examples = ip.load_examples(data)
   split = ip.make_splits(examples.labels, config.split)[0]

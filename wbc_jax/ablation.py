@@ -136,9 +136,12 @@ def run(config, workdir: str, log: Callable = print) -> list[dict]:
         if uses.gan:
           extra = synthetic_images(config, workdir, view, examples, split, log)
         n_extra = 0 if extra is None else len(extra[1])
+        n_fit = len(train.fit_indices(split, config.train))
         log(f'{tag}: training {config.num_seeds} seeds x {config.train.epochs} epochs '
-            f'on {len(split.train)} real' + (f' + {n_extra} synthetic' if extra is not None else '')
-            + f' images (val {len(split.val)}, test {len(split.test)}: real only)')
+            f'on {n_fit} real' + (f' + {n_extra} synthetic' if extra is not None else '')
+            + f' images (val {len(split.val)}'
+            + (', trained on too' if n_fit > len(split.train) else '')
+            + f'; test {len(split.test)}: real only)')
       # The floor is scikit-learn on hand-made features, with the same signature.
       train_fn = floor.train_and_evaluate if model == floor.NAME else train.train_and_evaluate
       results = train_fn(

@@ -34,7 +34,7 @@ def predict_probs(predict: Callable, params: PyTree, batch_stats: PyTree, images
                   batch_size: int, norm: tuple[jax.Array, jax.Array]) -> np.ndarray:
   """Exact masked evaluation: probabilities [S, N, C] of every example, once each.
 
-  norm: the state's `input_norm` ([S, 3] each). The padded rows of the last batch are
+  norm: the state's `predict_consts` ([S, 3], [S, 3], [S, C]). The padded rows of the last batch are
   dropped by the mask on the host, after the probabilities are gathered whole: the count
   never depends on the mesh.
   """
@@ -87,7 +87,7 @@ def evaluate_selected(predict: Callable, state, sets: Sets, variants: Mapping[st
   test probabilities).
   """
   splits, probs = evaluate_sets(predict, state.best_params, state.best_batch_stats,
-                                state.input_norm, sets, batch_size=batch_size,
+                                state.predict_consts, sets, batch_size=batch_size,
                                 class_names=class_names)
   arrays = {}
   for name in ('val', 'test'):
@@ -95,7 +95,7 @@ def evaluate_selected(predict: Callable, state, sets: Sets, variants: Mapping[st
                    f'{name}_image_ids': image_ids[name]})
   test_variants = {}
   for name, (variant_predict, params, batch_stats) in variants.items():
-    metrics, probs = evaluate_sets(variant_predict, params, batch_stats, state.input_norm,
+    metrics, probs = evaluate_sets(variant_predict, params, batch_stats, state.predict_consts,
                                    {'test': sets['test']}, batch_size=batch_size,
                                    class_names=class_names)
     test_variants[name] = metrics['test']

@@ -216,7 +216,7 @@ class FinishedRun:
     # The standardisation stored in the state: the training images' statistics.
     probs = evaluation.predict_probs(self.programs.predict, self.state.best_params,
                                      self.state.best_batch_stats, images_uint8,
-                                     self.config.train.eval_batch_size, self.state.input_norm)
+                                     self.config.train.eval_batch_size, self.state.predict_consts)
     return probs.mean(axis=0)
 
   def seed_variables(self, index: int = 0) -> dict:

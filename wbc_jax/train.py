@@ -66,6 +66,8 @@ class TrainState:
   ema_batch_stats: PyTree  # {} unless train.ema_decay > 0 and the model has batch norm
   input_mean: jax.Array    # float32 [3]: images are standardised as (x - mean) / std;
   input_std: jax.Array     # 0 and 1 (no change) unless train.standardize
+  class_log_bias: jax.Array  # float32 [C]: predictions are p * exp(bias), renormalised;
+                             # tau * log(training prior) with train.prior_correction = tau
 
   def eval_variables(self) -> tuple[PyTree, PyTree]:
     """The (params, batch_stats) evaluated each epoch: the moving average when kept."""
@@ -74,8 +76,9 @@ class TrainState:
     return self.params, self.batch_stats
 
   @property
-  def input_norm(self) -> tuple[jax.Array, jax.Array]:
-    return self.input_mean, self.input_std
+  def predict_consts(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """What `predict_step` needs besides the weights: (mean, std, class_log_bias)."""
+    return self.input_mean, self.input_std, self.class_log_bias
 
 
 SCHEDULES = ('constant', 'warmup_cosine')
@@ -106,8 +109,10 @@ def make_optimizer(train_config, total_steps: int = 1) -> optax.GradientTransfor
 
 
 def create_train_state(key: jax.Array, *, model: nn.Module, tx: optax.GradientTransformation,
-                       image_shape: tuple[int, int, int], ema: bool = False) -> TrainState:
-  """Initialises one seed. key: the seed's PRNG key [2]."""
+                       image_shape: tuple[int, int, int], ema: bool = False,
+                       num_classes: int | None = None) -> TrainState:
+  """Initialises one seed. key: the seed's PRNG key [2]; num_classes: the model's (default:
+  its `num_classes` attribute)."""
   init_key, train_key = jax.random.split(key)
   variables = model.init({'params': init_key, 'dropout': init_key},
                          jnp.zeros((1, *image_shape), jnp.float32), train=False)
@@ -121,7 +126,8 @@ def create_train_state(key: jax.Array, *, model: nn.Module, tx: optax.GradientTr
       best_score=jnp.full((), -jnp.inf, jnp.float32), best_epoch=jnp.zeros((), jnp.int32),
       ema_params=params if ema else {}, ema_batch_stats=batch_stats if ema else {},
       input_mean=jnp.zeros((channels,), jnp.float32),
-      input_std=jnp.ones((channels,), jnp.float32))
+      input_std=jnp.ones((channels,), jnp.float32),
+      class_log_bias=jnp.zeros((num_classes or model.num_classes,), jnp.float32))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,8 +167,21 @@ def loss_constants(labels: np.ndarray, num_classes: int, train_config) -> dict[s
           .astype(np.float32)}
 
 
-def _standardize(images: jax.Array, norm: tuple[jax.Array, jax.Array]) -> jax.Array:
-  mean, std = norm
+def prior_log_bias(labels: np.ndarray, num_classes: int, tau: float) -> np.ndarray:
+  """tau * log(class prior of `labels`) [C], float32: `TrainState.class_log_bias`.
+
+  A model trained on class-balanced batches estimates a posterior under a uniform prior;
+  multiplying its probabilities by prior ** tau moves it towards the training prior (tau = 1:
+  the full Bayes correction, best for plain accuracy; tau = 0: none, best for balanced
+  accuracy). Its value is chosen on validation (experiments/baseline/prior.md).
+  """
+  counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+  prior = np.maximum(counts, 1) / max(counts.sum(), 1)
+  return (float(tau) * np.log(prior)).astype(np.float32)
+
+
+def _standardize(images: jax.Array, consts: tuple[jax.Array, ...]) -> jax.Array:
+  mean, std = consts[:2]
   return (images - mean) / std
 
 
@@ -194,7 +213,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], consts: dict[str,
   if options.augment is not None:
     # A key of its own: dropout draws the same numbers with the augmentation on or off.
     images = augment_lib.augment_batch(images, jax.random.fold_in(rng, 0xA06), options.augment)
-  images = _standardize(images, state.input_norm)
+  images = _standardize(images, state.predict_consts)
 
   def loss_fn(params):
     logits, new_bs = _apply(model, params, state.batch_stats, images, train=True, rng=rng)
@@ -228,23 +247,29 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], consts: dict[str,
 
 
 def predict_step(params: PyTree, batch_stats: PyTree, images: jax.Array,
-                 norm: tuple[jax.Array, jax.Array], *, model: nn.Module,
+                 consts: tuple[jax.Array, jax.Array, jax.Array], *, model: nn.Module,
                  tta: bool = False) -> jax.Array:
   """Class probabilities of one seed. images [B, H, W, 3] in [0, 1] -> [B, C].
 
-  norm: (mean [3], std [3]) of the standardisation. tta: the mean of the probabilities
-  of the 8 flips and rotations by 90 degrees (square images).
+  consts: `TrainState.predict_consts`, (mean [3], std [3]) of the standardisation and the
+  prior correction's class_log_bias [C]. tta: the mean of the probabilities of the 8 flips
+  and rotations by 90 degrees (square images), then the prior correction.
   """
   if tta:
     if images.shape[1] != images.shape[2]:
       raise ValueError(f'config.train.tta needs square images, got {images.shape[1]}x'
                        f'{images.shape[2]}.')
     views = augment_lib.d4_views(images)  # [8, B, H, W, 3]
-    probs = predict_step(params, batch_stats, views.reshape(-1, *images.shape[1:]), norm,
-                         model=model)
-    return probs.reshape(8, images.shape[0], -1).mean(axis=0)
-  logits, _ = _apply(model, params, batch_stats, _standardize(images, norm), train=False)
-  return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    logits, _ = _apply(model, params, batch_stats,
+                       _standardize(views.reshape(-1, *images.shape[1:]), consts), train=False)
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    probs = probs.reshape(8, images.shape[0], -1).mean(axis=0)
+  else:
+    logits, _ = _apply(model, params, batch_stats, _standardize(images, consts), train=False)
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  # The prior correction, p * exp(bias) renormalised (an identity when bias is 0).
+  adjusted = probs * jnp.exp(consts[2])
+  return adjusted / jnp.sum(adjusted, axis=-1, keepdims=True)
 
 
 @dataclasses.dataclass
@@ -258,7 +283,7 @@ class Programs:
     init(keys [S, 2])                                 -> state
     train_step(state, batch, consts)                  -> state, {'loss', 'correct', 'count': [S]}
       (consts: `loss_constants`, the same for every seed)
-    predict(params, batch_stats, images [B, H, W, 3], norm ([S, 3], [S, 3]))
+    predict(params, batch_stats, images [B, H, W, 3], consts ([S, 3], [S, 3], [S, C]))
                                                       -> probabilities [S, B, C]
     select_best(state, score [S])                     -> state
   The state is donated to train_step and select_best.
@@ -292,12 +317,12 @@ def make_programs(model: nn.Module, tx: optax.GradientTransformation,
   vmapped_predict = jax.vmap(functools.partial(predict_step, model=model, tta=tta),
                              in_axes=(0, 0, None, 0))
 
-  def predict_sharded(params, batch_stats, images, norm):
+  def predict_sharded(params, batch_stats, images, consts):
     if mesh.shape[sharding.DATA] > 1:
       # The eval batch arrives whole on every device (numpy, any batch size); each
       # device along 'data' keeps its rows, so the seeds' predictions split the work.
       images = jax.lax.with_sharding_constraint(images, sharding.data_sharding(mesh))
-    return vmapped_predict(params, batch_stats, images, norm)
+    return vmapped_predict(params, batch_stats, images, consts)
 
   predict = jax.jit(predict_sharded, in_shardings=(by_seed, by_seed, everywhere, by_seed),
                     out_shardings=by_seed)
@@ -335,6 +360,25 @@ class NonFiniteLossError(FloatingPointError):
   pass
 
 
+FIT_ON = ('train', 'train+val')
+
+
+def fit_indices(split: ip.Split, train_config) -> np.ndarray:
+  """The real images a run trains on: the training split, or with train.fit_on='train+val'
+  the validation images too (the recipe chosen on validation, then refit on both; only a
+  fixed schedule, select='last', can do without a held-out validation set)."""
+  fit_on = train_config.fit_on
+  if fit_on not in FIT_ON:
+    raise ValueError(f"config.train.fit_on: unknown value {fit_on!r}; expected one of "
+                     f"{', '.join(FIT_ON)}.")
+  if fit_on == 'train':
+    return np.asarray(split.train)
+  if train_config.select != 'last':
+    raise ValueError(f"config.train.fit_on='train+val' trains on the validation images, so "
+                     f"config.train.select must be 'last', not {train_config.select!r}.")
+  return np.concatenate([split.train, split.val])
+
+
 def train_and_evaluate(config, workdir: str, *, examples: ip.Examples, split: ip.Split,
                        model_name: str, augment: bool, extra=None, log: Callable = print) -> dict:
   """Trains S seeds of one (model, regime, split) and writes its files to `workdir`.
@@ -359,7 +403,8 @@ def train_and_evaluate(config, workdir: str, *, examples: ip.Examples, split: ip
     utils.write_atomic(os.path.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
   num_classes = len(examples.class_names)
   image_shape = tuple(examples.images.shape[1:])
-  train_x, train_y = examples.images[split.train], examples.labels[split.train]
+  fit_index = fit_indices(split, tc)
+  train_x, train_y = examples.images[fit_index], examples.labels[fit_index]
   model = models.get_model(model_name, num_classes=num_classes, conv_impl=tc.conv_impl)
   augment_lib.check_impl(config.augment.impl, config.augment)
   options = StepOptions.from_config(config, augment=augment)
@@ -400,12 +445,16 @@ def train_and_evaluate(config, workdir: str, *, examples: ip.Examples, split: ip
     log(f'  resumed from epoch {start_epoch} ({workdir})')
   else:
     state = programs.init(keys)
+    put = lambda v: sharding.put(np.tile(v, (len(seeds), 1)), programs.seed_sharding)
     if tc.standardize:
       # The real training images' statistics only: validation and test images never
       # shape the input; kept in the state, so a restored run standardises the same.
       mean, std = ip.channel_stats(train_x)
-      put = lambda v: sharding.put(np.tile(v, (len(seeds), 1)), programs.seed_sharding)
       state = state.replace(input_mean=put(mean), input_std=put(std))
+    if tc.prior_correction:
+      # The real training labels' prior (synthetic images would flatten it).
+      state = state.replace(class_log_bias=put(
+          prior_log_bias(train_y, num_classes, tc.prior_correction)))
 
   # Validation is needed every epoch (model selection); the train and test curves are
   # optional, and evaluating the training images costs as much as a third of an epoch.
@@ -449,7 +498,7 @@ def train_and_evaluate(config, workdir: str, *, examples: ip.Examples, split: ip
            'train_aug_loss': (m['loss'].sum(0) / m['count'].sum(0)).tolist(),
            'train_aug_acc': (m['correct'].sum(0) / m['count'].sum(0)).tolist()}
     row.update(evaluation.curve_metrics(curve_programs.predict, *state.eval_variables(),
-                                        state.input_norm, eval_sets,
+                                        state.predict_consts, eval_sets,
                                         batch_size=tc.eval_batch_size, num_classes=num_classes))
     state = programs.select_best(
         state, sharding.put(evaluation.selection_score(select, row), programs.seed_sharding))
@@ -487,7 +536,8 @@ def train_and_evaluate(config, workdir: str, *, examples: ip.Examples, split: ip
              'best_epoch': best_epoch.tolist(),
              'best_val_accuracy': [float(by_epoch[int(e)]['val_acc'][i])
                                    for i, e in enumerate(best_epoch)],
-             'select': select, 'best_score': best_score.tolist(),
+             'select': select, 'best_score': best_score.tolist(), 'fit_on': tc.fit_on,
+             'prior_correction': float(tc.prior_correction),
              'num_params': models.count_params(state.params) // len(seeds),
              'n_train_real': len(train_y), 'n_train_extra': 0 if extra is None else len(extra[1]),
              'class_names': list(examples.class_names),
