@@ -35,8 +35,10 @@ the layout WORKDIR/crop/<split>/original_trad/cellnet/.
 
 Variants:
   cv     the recorded experiment (experiments/baseline): stratified 5-fold cross-validation
-         repeated twice, 2 seeds. About an hour on a 2-core CPU.
-  quick  one holdout split, the same recipe: about 8 minutes on a 2-core CPU.
+         repeated twice, 2 seeds. About 40 minutes on a 2-core CPU. Add ',located' for the
+         located view too (about 3 minutes more per split).
+  quick  one holdout split, the same recipe, with the located view: its localiser is stored
+         with the run, so `wbc_jax.predict` classifies frames with no annotation.
   test   seconds, for the test suite.
   Add ',paper_models' for the paper's CNN and CNN-RNN with the same recipe (their
   full-resolution convolutions cost ~20x a cellnet step: hours), ',window' for the 288-pixel
@@ -59,16 +61,17 @@ def _ablation_config(variant: str) -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """arg: 'quick' | 'cv' | 'test', optionally followed by ',paper_models' and/or ',window'."""
+  """arg: 'quick' | 'cv' | 'test', optionally followed by ',paper_models', ',window' and/or
+  ',located'."""
   names = ('quick', 'cv', 'test')
-  options = ('paper_models', 'box', 'window')
+  options = ('paper_models', 'box', 'window', 'located')
   tokens = [t for t in (arg or 'quick').split(',') if t]
   variants = [t for t in tokens if t in names]
   unknown = [t for t in tokens if t not in names + options]
   if unknown or len(variants) != 1:
     raise ValueError(f"configs/baseline.py: bad argument {arg!r}; expected one of "
-                     f"{', '.join(names)}, optionally followed by ',paper_models' and/or ',window' "
-                     "(or ',box', the default).")
+                     f"{', '.join(names)}, optionally followed by ',paper_models', ',window' "
+                     "(or ',box', the default) and/or ',located'.")
   variant = variants[0]
   c = _ablation_config('test' if variant == 'test' else '')
   with c.unlocked():
@@ -123,7 +126,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # The non-deep floor (wbc_jax.floor) trains on the same splits in seconds: every deep
     # number of the report stands beside it.
     c.ablation.models = ('cnn', 'cnn_rnn') if 'paper_models' in tokens else ('cellnet', 'floor')
-    c.ablation.views = ('crop',)
+    # 'located': the same classifiers on crops where the localiser (fitted on each split's
+    # training boxes) found the cell, from whole frames (wbc_jax.located); ~3 min a split.
+    located = variant != 'cv' or 'located' in tokens
+    c.ablation.views = ('crop', 'located') if located else ('crop',)
     c.synthetic.measures = False
     if variant == 'test':
       c.data.crop_size = 24

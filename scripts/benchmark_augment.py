@@ -33,6 +33,7 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import baseline  # noqa: E402
+from wbc_jax import training_set  # noqa: E402
 from wbc_jax import augment  # noqa: E402
 from wbc_jax import input_pipeline as ip  # noqa: E402
 from wbc_jax import models  # noqa: E402
@@ -72,7 +73,7 @@ def main(argv=None):
 
   model = models.get_model('cellnet', num_classes=4)
   tx = train.make_optimizer(config.train, total_steps=1000)
-  consts = train.loss_constants(labels, 4, config.train)
+  consts = training_set.loss_constants(labels, 4, config.train)
   data = {'image': batch, 'label': labels[:BATCH][None].repeat(SEEDS, 0)}
 
   def step_runner(options):

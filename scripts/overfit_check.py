@@ -11,6 +11,7 @@ import sys
 import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs.ablation import get_config
+from wbc_jax import training_set
 from wbc_jax import evaluation, input_pipeline as ip, train, models
 c = get_config('quick')
 with c.unlocked(): c.data.view='crop'; c.train.learning_rate=float(sys.argv[2])
@@ -20,7 +21,7 @@ x, y = ex.images[idx], ex.labels[idx]
 m = models.get_model(sys.argv[1], num_classes=4)
 p = train.make_programs(m, train.make_optimizer(c.train), x.shape[1:])
 st = p.init(train.seed_keys([0]))
-cw = train.loss_constants(y, 4, c.train)
+cw = training_set.loss_constants(y, 4, c.train)
 for ep in range(int(sys.argv[3])):
   for b in ip.train_batches(x, y, seeds=[0], epoch=ep, batch_size=32, aug=c.augment, augment=False):
     st, met = p.train_step(st, b, cw)

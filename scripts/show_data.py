@@ -7,6 +7,7 @@ class_histograms.png (counts only). Boxes are drawn on the frames so one can che
 they sit on the WBC.
 """
 
+from wbc_jax import crops
 import os
 import sys
 
@@ -69,7 +70,7 @@ def main(_):
           for y0, x0, y1, x1 in raw['boxes'][i]:
             ax.add_patch(plt.Rectangle((x0 * w, y0 * h), (x1 - x0) * w, (y1 - y0) * h,
                                        fill=False, color='lime', lw=1))
-          y0, x0, y1, x1 = ip.crop_box(raw['boxes'][i], config.data.crop_margin, (h, w))
+          y0, x0, y1, x1 = crops.crop_box(raw['boxes'][i], config.data.crop_margin, (h, w))
           ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color='yellow',
                                      lw=0.8, ls='--'))
   fig.suptitle('BCCD WBC types: frame with WBC box (green) and crop (yellow), the two views, '

@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from wbc_jax import training_set
 from wbc_jax import models, sharding, train
 
 
@@ -55,7 +56,7 @@ def main(run_dir: str) -> dict:
   rng = np.random.default_rng(0)
   batch = {'image': rng.random((num_seeds, config.train.batch_size, *image_shape), np.float32),
            'label': rng.integers(0, 4, (num_seeds, config.train.batch_size)).astype(np.int32)}
-  weights = train.loss_constants(np.arange(4), 4, config.train)
+  weights = training_set.loss_constants(np.arange(4), 4, config.train)
   placed = {k: sharding.put(v, programs.batch_sharding) for k, v in batch.items()}
   out['batch'] = layout(placed)
   state, metrics = programs.train_step(state, placed, weights)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import config_sections
+from wbc_jax import training_set
 from wbc_jax import augment
 from wbc_jax import evaluation
 from wbc_jax import input_pipeline as ip
@@ -267,7 +268,7 @@ def test_prior_correction_multiplies_by_the_prior_to_the_tau(tta):
   images = jax.random.uniform(jax.random.PRNGKey(7), (5, 16, 16, 3))
   mean, std = jnp.array([0.5, 0.4, 0.3]), jnp.array([0.2, 0.25, 0.3])
   labels = np.array([0] * 6 + [1] * 3 + [2] + [3] * 10)
-  bias = train.prior_log_bias(labels, 4, 0.25)
+  bias = training_set.prior_log_bias(labels, 4, 0.25)
   np.testing.assert_allclose(bias, 0.25 * np.log([6 / 20, 3 / 20, 1 / 20, 10 / 20]), rtol=1e-6)
   plain = train.predict_step(state.params, state.batch_stats, images, (mean, std, jnp.zeros(4)),
                              model=model, tta=tta)
@@ -281,24 +282,24 @@ def test_prior_correction_multiplies_by_the_prior_to_the_tau(tta):
 def test_fit_on_train_and_val_needs_a_fixed_schedule():
   split = ip.Split(name='s', train=np.array([0, 1, 2]), val=np.array([3, 4]), test=np.array([5]))
   tc = config_sections.section('train', fit_on='train', select='val_loss')
-  np.testing.assert_array_equal(train.fit_indices(split, tc), [0, 1, 2])
+  np.testing.assert_array_equal(training_set.fit_indices(split, tc), [0, 1, 2])
   tc.fit_on, tc.select = 'train+val', 'last'
-  np.testing.assert_array_equal(train.fit_indices(split, tc), [0, 1, 2, 3, 4])
+  np.testing.assert_array_equal(training_set.fit_indices(split, tc), [0, 1, 2, 3, 4])
   tc.select = 'val_loss'
   with pytest.raises(ValueError, match="select must be 'last'"):
-    train.fit_indices(split, tc)
+    training_set.fit_indices(split, tc)
   tc.fit_on = 'everything'
   with pytest.raises(ValueError, match="fit_on: unknown value 'everything'"):
-    train.fit_indices(split, tc)
+    training_set.fit_indices(split, tc)
 
 
 def test_loss_constants():
   tc = config_sections.section('train', class_weighting=False, logit_adjust_tau=1.0)
-  consts = train.loss_constants(np.array([0, 0, 0, 1]), 3, tc)
+  consts = training_set.loss_constants(np.array([0, 0, 0, 1]), 3, tc)
   np.testing.assert_allclose(consts['logit_offset'][:2], np.log([0.75, 0.25]), rtol=1e-6)
   np.testing.assert_array_equal(consts['class_weights'], 1.0)
   tc.logit_adjust_tau = 0.0
-  np.testing.assert_array_equal(train.loss_constants(np.array([0, 1]), 3, tc)['logit_offset'], 0)
+  np.testing.assert_array_equal(training_set.loss_constants(np.array([0, 1]), 3, tc)['logit_offset'], 0)
 
 
 def test_baseline_config_crop_mode_options():
@@ -365,15 +366,22 @@ def _extract_smear(manual_dir, tmp_path, image_id):
   return tmp_path / f'smear_{image_id}.jpg'
 
 
-@pytest.mark.slow
-def test_baseline_config_end_to_end_and_predict_applies_the_stored_standardisation(
-    test_config, tmp_path):
-  workdir = tmp_path / 'run'
+@pytest.fixture(scope='module')
+def baseline_run(test_config, tmp_path_factory):
+  """configs/baseline.py:test trained once for this module's end-to-end tests."""
+  workdir = tmp_path_factory.mktemp('baseline') / 'run'
   cmd = [sys.executable, '-m', 'wbc_jax.main', '--config=configs/baseline.py:test',
          f'--workdir={workdir}', f'--config.data.manual_dir={test_config.data.manual_dir}',
          f'--config.data.data_dir={test_config.data.data_dir}']
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return workdir
+
+
+@pytest.mark.slow
+def test_baseline_config_end_to_end_and_predict_applies_the_stored_standardisation(
+    test_config, baseline_run, tmp_path):
+  workdir = baseline_run
   rdir = rundir.run_dir(str(workdir), 'crop', 'holdout', 'original+trad', 'cellnet')
   results = json.load(open(os.path.join(rdir, 'results.json')))
   assert results['select'] == 'last' and results['best_epoch'] == [2, 2]
@@ -402,6 +410,94 @@ def test_baseline_config_end_to_end_and_predict_applies_the_stored_standardisati
   assert proc.returncode == 0, proc.stderr[-3000:]
   row = next(csv.DictReader(open(out)))
   assert row['predicted'] == got['predicted']
+
+  # The located view: the same trained seeds on crops where the split's localiser found the
+  # cell; the localiser saw the training boxes only.
+  ldir = rundir.run_dir(str(workdir), 'located', 'holdout', 'original+trad', 'cellnet')
+  located = json.load(open(os.path.join(ldir, 'results.json')))
+  assert located['view'] == 'located' and located['located']['crop_run']
+  assert located['splits']['train'] == results['splits']['train']
+  assert located['located']['test_localisation']['frames'] == 44
+  lpreds = np.load(os.path.join(ldir, 'predictions.npz'))
+  np.testing.assert_array_equal(lpreds['test_image_ids'], preds['test_image_ids'])
+  found = json.load(open(os.path.join(rundir.localiser_dir(str(workdir), 'holdout'),
+                                      'detections.json')))
+  assert found['test']['image_ids'] == preds['test_image_ids'].tolist()
+  # A crop where the box was found elsewhere than annotated is another image: another answer.
+  moved = [i for i, iou in enumerate(found['test_localisation']['iou']) if iou < 0.9]
+  assert moved and not np.allclose(lpreds['test_probs'][:, moved], preds['test_probs'][:, moved])
+  floor_located = rundir.run_dir(str(workdir), 'located', 'holdout', 'original+trad', 'floor')
+  assert json.load(open(os.path.join(floor_located, 'results.json')))['view'] == 'located'
+  # The report sets the located view beside the crop view, on the same test images.
+  report = json.load(open(workdir / 'report' / 'report.json'))
+  assert any(c['kind'] == 'view' and c['name_a'].endswith('located')
+             for c in report['comparisons'])
+
+
+_TWO_CELLS_XML = '''<annotation><object><name>WBC</name><bndbox><xmin>100</xmin><ymin>80</ymin>
+<xmax>300</xmax><ymax>260</ymax></bndbox></object><object><name>RBC</name><bndbox><xmin>1</xmin>
+<ymin>1</ymin><xmax>50</xmax><ymax>50</ymax></bndbox></object><object><name>WBC</name><bndbox>
+<xmin>400</xmin><ymin>200</ymin><xmax>520</xmax><ymax>330</ymax></bndbox></object></annotation>'''
+
+
+@pytest.mark.slow
+def test_predict_raw_images_folders_two_cells_and_a_bad_file(test_config, baseline_run,
+                                                              tmp_path):
+  rdir = rundir.run_dir(str(baseline_run), 'crop', 'holdout', 'original+trad', 'cellnet')
+  smear = _extract_smear(test_config.data.manual_dir, tmp_path, 1)
+  folder = tmp_path / 'folder'
+  folder.mkdir()
+  (folder / 'a_raw.jpg').write_bytes(smear.read_bytes())        # no annotation beside it
+  (folder / 'b_two.jpg').write_bytes(smear.read_bytes())
+  (folder / 'b_two.xml').write_text(_TWO_CELLS_XML)              # two WBC boxes
+  (folder / 'c_bad.jpg').write_bytes(b'not a jpeg')
+  (folder / 'notes.txt').write_text('not an image')
+  # The run's own localiser, with its threshold at 0 so that the 3-step fit finds something.
+  own = rundir.localiser_dir(str(baseline_run), 'holdout')
+  loc = tmp_path / 'localiser'
+  loc.mkdir()
+  for name in ('localiser.json', 'localiser.msgpack'):
+    (loc / name).write_bytes(open(os.path.join(own, name), 'rb').read())
+  meta = json.load(open(loc / 'localiser.json'))
+  json.dump(dict(meta, threshold=0.0), open(loc / 'localiser.json', 'w'))
+  out = tmp_path / 'rows.csv'
+  proc = subprocess.run([sys.executable, '-m', 'wbc_jax.predict', f'--workdir={rdir}',
+                         f'--localiser={loc}', f'--output={out}', '--batch_images=2',
+                         str(folder)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1, proc.stderr[-3000:]   # one image failed; the others have rows
+  rows = list(csv.DictReader(open(out)))
+  by_image = {}
+  for row in rows:
+    by_image.setdefault(os.path.basename(row['image']), []).append(row)
+  assert sorted(by_image) == ['a_raw.jpg', 'b_two.jpg', 'c_bad.jpg']
+  raw_rows = by_image['a_raw.jpg']
+  assert raw_rows and all(r['box_source'] == 'localiser' and r['predicted'] and
+                          float(r['box_score']) >= 0.0 for r in raw_rows)
+  two = by_image['b_two.jpg']
+  assert [r['box_source'] for r in two] == ['annotation', 'annotation']
+  assert [(r['box_ymin'], r['box_xmin'], r['box_ymax'], r['box_xmax']) for r in two] == [
+      ('80', '100', '260', '300'), ('200', '400', '330', '520')]   # the larger box first
+  assert two[0]['p_NEUTROPHIL'] != two[1]['p_NEUTROPHIL']     # two crops, two answers
+  (bad,) = by_image['c_bad.jpg']
+  assert 'not a readable image' in bad['error'] and not bad['predicted']
+  assert 'c_bad.jpg' in proc.stderr and '1 image(s) failed' in proc.stderr
+  # A localiser that finds nothing: that image's row says so.
+  json.dump(dict(meta, threshold=1.01), open(loc / 'localiser.json', 'w'))
+  from wbc_jax import predict
+  (row,) = predict.predict_files(rdir, [str(folder / 'a_raw.jpg')], localiser_dir=str(loc))
+  assert row['error'].startswith('no WBC found') and row['predicted'] == ''
+  # The run's stored localiser is found from the run directory alone; the located run
+  # directory stands for its crop run.
+  ldir = rundir.run_dir(str(baseline_run), 'located', 'holdout', 'original+trad', 'cellnet')
+  rows = predict.predict_files(ldir, [str(folder / 'b_two.jpg')])
+  assert len(rows) == 2 and rows[0]['predicted']
+  # A run without a localiser, on an image without annotation: a row with the error.
+  lone = tmp_path / 'lone' / 'crop' / 'holdout' / 'original_trad'
+  lone.mkdir(parents=True)
+  import shutil
+  shutil.copytree(rdir, lone / 'cellnet')
+  (row,) = predict.predict_files(str(lone / 'cellnet'), [str(folder / 'a_raw.jpg')])
+  assert 'has no localiser' in row['error']
 
 
 # ----------------------------------------------------------------------------- removal table

@@ -11,6 +11,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from wbc_jax import crops
 from wbc_jax import bccd_wbc
 from wbc_jax import input_pipeline as ip
 
@@ -83,7 +84,7 @@ CROP_CASES = {
 def test_crop_box_is_square_inside_frame_and_holds_the_cell(where):
   box = np.array([CROP_CASES[where]])
   cell = box[0] * [480, 640, 480, 640]
-  y0, x0, y1, x1 = ip.crop_box(box, 0.25)
+  y0, x0, y1, x1 = crops.crop_box(box, 0.25)
   side = min(1.25 * max(cell[2] - cell[0], cell[3] - cell[1]), 480)
   assert y1 - y0 == pytest.approx(side) and x1 - x0 == pytest.approx(side)
   assert y0 >= 0 and x0 >= 0 and y1 <= 480 and x1 <= 640
@@ -102,10 +103,10 @@ def test_crop_box_is_square_inside_frame_and_holds_the_cell(where):
 
 
 def test_crop_of_an_image_without_a_box_is_the_centred_square():
-  np.testing.assert_allclose(ip.crop_box(np.zeros((0, 4)), 0.25),
-                             [240 - ip.FALLBACK_CROP_PX / 2, 320 - ip.FALLBACK_CROP_PX / 2,
-                              240 + ip.FALLBACK_CROP_PX / 2, 320 + ip.FALLBACK_CROP_PX / 2])
-  np.testing.assert_array_equal(ip.window_box(np.zeros((0, 4)), 288), [96, 176, 384, 464])
+  np.testing.assert_allclose(crops.crop_box(np.zeros((0, 4)), 0.25),
+                             [240 - crops.FALLBACK_CROP_PX / 2, 320 - crops.FALLBACK_CROP_PX / 2,
+                              240 + crops.FALLBACK_CROP_PX / 2, 320 + crops.FALLBACK_CROP_PX / 2])
+  np.testing.assert_array_equal(crops.window_box(np.zeros((0, 4)), 288), [96, 176, 384, 464])
 
 
 def _raw_of(raw, image_ids, boxes=None):

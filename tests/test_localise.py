@@ -123,3 +123,38 @@ def test_fit_save_load_detect_round_trip(tmp_path):
     localise.Localiser.load(str(tmp_path / 'missing'))
   with pytest.raises(ValueError, match='input_hw'):
     localise.downscale(np.stack(frames), (50, 64))
+
+
+def test_a_split_localiser_never_sees_validation_or_test_boxes(tmp_path):
+  from wbc_jax import input_pipeline as ip
+  from wbc_jax import located
+  frames, boxes = [], []
+  for i in range(8):
+    f, b = _frame_with_cell(20 + 3 * i, 25 + 5 * i, 10, hw=(48, 64), seed=i)
+    frames.append(f)
+    boxes.append(b[None])
+  raw = {'images': np.stack(frames), 'boxes': boxes, 'image_ids': np.arange(8)}
+  split = ip.Split('s', train=np.arange(5), val=np.array([5]), test=np.array([6, 7]))
+  config = ml_collections.ConfigDict(dict(seed=0, localiser=dict(
+      input_hw=(48, 64), width=8, steps=3, batch_size=4, learning_rate=1e-3, weight_decay=0.0,
+      threshold=0.3)))
+  moved = dict(raw, boxes=boxes[:5] + [np.array([[0.0, 0.0, 0.2, 0.2]], np.float32)] * 3)
+  a = located.fit_or_load(config, str(tmp_path / 'a'), raw, split, log=lambda s: None)
+  b = located.fit_or_load(config, str(tmp_path / 'b'), moved, split, log=lambda s: None)
+  for x, y in zip(jax_leaves(a.params), jax_leaves(b.params)):
+    np.testing.assert_array_equal(x, y)
+  # ... while a changed training box does change the fit.
+  shifted = dict(raw, boxes=[np.array([[0.0, 0.0, 0.2, 0.2]], np.float32)] * 5 + boxes[5:])
+  c = located.fit_or_load(config, str(tmp_path / 'c'), shifted, split, log=lambda s: None)
+  assert any(not np.array_equal(x, y) for x, y in zip(jax_leaves(a.params),
+                                                      jax_leaves(c.params)))
+  # Read back from its directory, not fitted again.
+  again = located.fit_or_load(config, str(tmp_path / 'a'), moved, split,
+                              log=lambda s: pytest.fail(f'fitted again: {s}'))
+  for x, y in zip(jax_leaves(a.params), jax_leaves(again.params)):
+    np.testing.assert_array_equal(x, y)
+
+
+def jax_leaves(tree):
+  import jax
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]

@@ -14,6 +14,7 @@ import optax
 import pytest
 
 import config_sections
+from wbc_jax import training_set
 from wbc_jax import evaluation
 from wbc_jax import input_pipeline as ip
 from wbc_jax import train
@@ -44,11 +45,11 @@ def _batch(labels):
 def test_class_weights_are_inverse_class_frequencies():
   labels = np.array([0, 0, 0, 1])  # class 2 absent
   # Keras/scikit-learn 'balanced': n / (classes * count); an absent class weighs nothing.
-  np.testing.assert_allclose(train.class_weights_for(labels, 3, True), [4 / 9, 4 / 3, 0],
+  np.testing.assert_allclose(training_set.class_weights_for(labels, 3, True), [4 / 9, 4 / 3, 0],
                              rtol=1e-6)
-  np.testing.assert_array_equal(train.class_weights_for(labels, 3, False), [1, 1, 1])
+  np.testing.assert_array_equal(training_set.class_weights_for(labels, 3, False), [1, 1, 1])
   tc = config_sections.section('train', class_weighting=True)
-  np.testing.assert_allclose(train.loss_constants(labels, 3, tc)['class_weights'],
+  np.testing.assert_allclose(training_set.loss_constants(labels, 3, tc)['class_weights'],
                              [4 / 9, 4 / 3, 0], rtol=1e-6)
 
 

@@ -23,10 +23,13 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
+from wbc_jax import training_set
 from wbc_jax import floor
 from wbc_jax import input_pipeline as ip
+from wbc_jax import located
 from wbc_jax import measures
 from wbc_jax import metrics as metrics_lib
+from wbc_jax import models
 from wbc_jax import names
 from wbc_jax import report
 from wbc_jax import rundir
@@ -52,6 +55,7 @@ def validate(config) -> None:
     if view not in ip.VIEWS:
       raise ValueError(f'config.ablation.views: unknown view {view!r}; expected one of '
                        f'{", ".join(ip.VIEWS)}.')
+  located.check_views(config.ablation.views, config.ablation.models, models.MODEL_LABELS)
   if config.split.protocol not in ip.PROTOCOLS:
     raise ValueError(f'config.split.protocol: unknown protocol {config.split.protocol!r}; '
                      f'expected one of {", ".join(ip.PROTOCOLS)}.')
@@ -123,6 +127,10 @@ def run(config, workdir: str, log: Callable = print) -> list[dict]:
     if os.path.exists(results_path):
       log(f'{tag}: complete, skipped')
       results = utils.read_json(results_path)
+    elif view == located.VIEW:
+      results = located_run(config, workdir, examples, split, regime, model, rdir, tag, log)
+      if sharding.is_primary():
+        utils.write_json(results_path, results)
     else:
       extra, run_examples, run_split = None, examples, split
       uses = names.regime(regime)
@@ -136,7 +144,8 @@ def run(config, workdir: str, log: Callable = print) -> list[dict]:
         if uses.gan:
           extra = synthetic_images(config, workdir, view, examples, split, log)
         n_extra = 0 if extra is None else len(extra[1])
-        n_fit = len(train.fit_indices(split, config.train))
+        n_fit = len(split.train if model == floor.NAME  # the floor chooses on validation
+                    else training_set.fit_indices(split, config.train))
         log(f'{tag}: training {config.num_seeds} seeds x {config.train.epochs} epochs '
             f'on {n_fit} real' + (f' + {n_extra} synthetic' if extra is not None else '')
             + f' images (val {len(split.val)}'
@@ -165,6 +174,33 @@ def run(config, workdir: str, log: Callable = print) -> list[dict]:
   log(f'ablation done in {utils.format_duration(time.time() - t0)}: '
       f'{os.path.join(workdir, "summary.md")}')
   return rows
+
+
+def located_run(config, workdir: str, examples: ip.Examples, split: ip.Split, regime: str,
+                model: str, rdir: str, tag: str, log: Callable = print) -> dict:
+  """One run of the located view (`wbc_jax.located`); returns results.json's contents."""
+  if names.regime(regime).gan:
+    raise ValueError(f'config.ablation.regimes: the located view evaluates real-image regimes '
+                     f'only, not {regime!r}; run the GAN regimes in the crop view.')
+  raw = ip.load_raw(config.data)
+  run_examples, found = located.located_examples(config, workdir, raw, examples, split, log)
+  run_config = rundir.run_config(config, located.VIEW, regime, model)
+  if model == floor.NAME:
+    log(f'{tag}: fitting the floor on the training crops; validation and test cropped where '
+        'the localiser found the cell')
+    results = floor.train_and_evaluate(run_config, rdir, examples=run_examples, split=split,
+                                       model_name=model, augment=names.regime(regime).trad,
+                                       log=log)
+    results['located'] = {'test_localisation': found['test_localisation']}
+  else:
+    crop_rdir = rundir.run_dir(workdir, 'crop', split.name, regime, model)
+    if not rundir.is_finished(crop_rdir):
+      raise ValueError(f'{crop_rdir}: not finished; the located view evaluates the crop '
+                       'view\'s trained run of the same split, regime and model.')
+    log(f'{tag}: the crop run {crop_rdir} on crops where the localiser found the cell')
+    results = located.evaluate_crop_run(crop_rdir, rdir, run_examples, split, found, run_config)
+  results.update(view=located.VIEW, regime=regime)
+  return results
 
 
 def synthetic_images(config, workdir: str, view: str, examples: ip.Examples, split: ip.Split,

@@ -13,7 +13,8 @@ repeats, or the one holdout split) and its seeds.
   - the majority baseline: always the most frequent class of each split's training images.
 
 Comparisons (same view and protocol): regimes for the same model, models for the same regime,
-on balanced accuracy. Per-split paired scores go to the Nadeau-Bengio corrected resampled
+on balanced accuracy; and across views, the located view against the crop view for the same
+protocol, regime and model (the same test images, with and without the annotated box). Per-split paired scores go to the Nadeau-Bengio corrected resampled
 t-test (undefined with one split); the pooled OOF predictions, aligned by image id, go to the
 exact McNemar test and to a paired stratified bootstrap of the difference. Holm's correction
 runs over each family (all comparisons of one view and protocol, separately per test).
@@ -184,11 +185,25 @@ def label(cell: dict) -> str:
   return f'{regime} ({model})'
 
 
+# Views tested on the same images, compared cell by cell: (a, b) = (located, crop) asks what
+# finding the cell costs against its annotated box (`wbc_jax.located`).
+PAIRED_VIEWS = (('located', 'crop'),)
+
+
 def comparison_pairs(cells: Sequence[dict]) -> list[tuple[dict, dict, str]]:
-  """(a, b, kind) pairs within one view and protocol; a is the later regime or model."""
+  """(a, b, kind) pairs within one view and protocol, a the later regime or model; and
+  (located, crop) pairs of the same protocol, regime and model (kind 'view')."""
   pairs = []
   for (a, b) in itertools.combinations(cells, 2):
-    if (a['view'], a['protocol']) != (b['view'], b['protocol']) or a['leaky'] or b['leaky']:
+    if a['leaky'] or b['leaky']:
+      continue
+    same = lambda *fields: all(a[f] == b[f] for f in fields)
+    if not same('view') and same('protocol', 'regime', 'model'):
+      for views in PAIRED_VIEWS:
+        if {a['view'], b['view']} == set(views):
+          pairs.append((a, b, 'view') if a['view'] == views[0] else (b, a, 'view'))
+      continue
+    if not same('view', 'protocol'):
       continue
     if a['model'] == b['model']:
       kind, order, field = 'regime', names.REGIME_NAMES, 'regime'
@@ -205,11 +220,15 @@ def comparison_pairs(cells: Sequence[dict]) -> list[tuple[dict, dict, str]]:
 def _pair_key(pair):
   """Regime comparisons first (grouped by model), then model comparisons (by regime)."""
   a, b, kind = pair
+  if kind == 'view':
+    return (a['view'], order_key(a['protocol'], PROTOCOL_ORDER), 2,
+            order_key(a['regime'], names.REGIME_NAMES), order_key(a['model'], names.MODEL_NAMES),
+            ('', 0), ('', 0))
   group = 'model' if kind == 'regime' else 'regime'
   orders = {'regime': names.REGIME_NAMES, 'model': names.MODEL_NAMES}
-  return (a['view'], order_key(a['protocol'], PROTOCOL_ORDER), kind != 'regime',
+  return (a['view'], order_key(a['protocol'], PROTOCOL_ORDER), int(kind != 'regime'),
           order_key(a[group], orders[group]), order_key(b[kind], orders[kind]),
-          order_key(a[kind], orders[kind]))
+          order_key(a[kind], orders[kind]), ('', 0))
 
 
 def compare(a: dict, b: dict, kind: str, *, n_boot: int, seed: int) -> dict:
@@ -220,6 +239,8 @@ def compare(a: dict, b: dict, kind: str, *, n_boot: int, seed: int) -> dict:
             'a': {'regime': a['regime'], 'model': a['model']},
             'b': {'regime': b['regime'], 'model': b['model']},
             'name_a': label(a), 'name_b': label(b), 'metric': metric, 'n_splits': len(common)}
+  if kind == 'view':
+    result.update(name_a=f'{label(a)}, {a["view"]}', name_b=f'{label(b)}, {b["view"]}')
   if len(common) >= 2:
     result['ttest'] = stats.corrected_resampled_ttest(
         [a['split_scores'][s][metric] for s in common],

@@ -395,8 +395,8 @@ def train_and_evaluate(config, workdir: str, *, examples, split, model_name: str
   `wbc_jax.train.train_and_evaluate`, for one deterministic "seed" (config.seed): probabilities
   [1, N, C], best_epoch [0]. Each candidate (`candidates`) is fitted on the training images'
   features (+ `extra`, (uint8 images [M, H, W, 3], labels [M]), training only) and the one
-  with the best validation balanced accuracy is kept; it is not refitted on train + val, so
-  validation stays out of the fit as it does for the deep runs. The test images are
+  with the best validation balanced accuracy is kept; it is not refitted on train + val (the
+  validation images choose it; `train.fit_on` is the deep runs' field). The test images are
   featurised and predicted, never looked at for a choice. `augment` is ignored: the features
   are nearly invariant to flips and small rotations already.
 

@@ -1,16 +1,30 @@
-r"""Classify smear images with a trained run: the ensemble of its seeds.
+r"""Classify smear images with a trained run: the ensemble of its seeds, one row per cell.
 
-  python -m wbc_jax.predict --workdir=RUN_DIR IMAGE.jpg [IMAGE.jpg ...] [--output=preds.csv]
+  python -m wbc_jax.predict --workdir=RUN_DIR IMAGE.jpg FOLDER/ ... [--output=preds.csv]
 
-RUN_DIR is one run of the ablation (it holds results.json and checkpoints/). Each seed's
-validation-selected parameters are used and their probabilities averaged. For a run of
-the `crop` view each image needs its WBC box: a Pascal VOC file with the same name and
-`.xml` beside the image, or `--box=ymin,xmin,ymax,xmax` in pixels (one image only).
+RUN_DIR is one run of the ablation (it holds results.json and checkpoints/), or a run of the
+located view (it names the crop run it evaluates). Each seed's selected parameters are used
+and their probabilities averaged. A folder stands for every image in it (.jpg, .jpeg, .png,
+.bmp; not its subfolders).
+
+A run of the crop view classifies the WBC cropped around a box. Where each box comes from,
+first match wins (the CSV's box_source):
+  flag        --box=ymin,xmin,ymax,xmax in pixels (one image only);
+  annotation  a Pascal VOC file with the image's name and .xml beside it: one row per WBC box;
+  localiser   the WBC localiser of the run's split (WORKDIR/located/<split>/localiser/, which
+              `configs/baseline.py:quick` trains), or the one of --localiser=DIR: one row per
+              cell found above its threshold.
+A run of the frame view classifies the whole frame (box_source 'frame').
+
+An image that cannot be read, or where no cell is found, gets a row with its error and the
+other images are still classified; the exit status is then 1. Bad flags or a bad RUN_DIR:
+exit status 2, no rows.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 import sys
 
@@ -19,14 +33,23 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from wbc_jax import crops
 from wbc_jax import bccd_wbc
 from wbc_jax import input_pipeline as ip
+from wbc_jax import localise
 from wbc_jax import rundir
+from wbc_jax import utils
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'A run directory (holds results.json and checkpoints/).')
 flags.DEFINE_string('output', None, 'Write CSV here instead of standard output.')
 flags.DEFINE_string('box', None, 'WBC box "ymin,xmin,ymax,xmax" in pixels (crop view, one image).')
+flags.DEFINE_string('localiser', None, 'A localiser directory (localiser.json, .msgpack) to '
+                    'find cells with, instead of the one stored with the run.')
+flags.DEFINE_integer('batch_images', 32, 'Images read and classified at a time.')
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp')
+BOX_FIELDS = ('box_ymin', 'box_xmin', 'box_ymax', 'box_xmax')
 
 
 class PredictError(ValueError):
@@ -46,24 +69,49 @@ def read_image(path: str) -> np.ndarray:
     raise PredictError(f'{path}: not a readable image ({type(e).__name__}: {e}).') from e
 
 
-def wbc_boxes_for(path: str, shape, box_flag: str | None) -> np.ndarray:
-  """Normalised WBC boxes [k, 4] for the crop view, from --box or a VOC XML beside the image."""
+def expand_paths(paths: list[str]) -> list[str]:
+  """Files as given; a folder becomes its image files, sorted. A folder with none is an error."""
+  out = []
+  for path in paths:
+    if os.path.isdir(path):
+      found = sorted(os.path.join(path, n) for n in os.listdir(path)
+                     if n.lower().endswith(IMAGE_EXTENSIONS)
+                     and os.path.isfile(os.path.join(path, n)))
+      if not found:
+        raise PredictError(f'{path}: a folder with no image files '
+                           f'({", ".join(IMAGE_EXTENSIONS)}).')
+      out += found
+    else:
+      out.append(path)
+  return out
+
+
+def parse_box_flag(box_flag: str, shape) -> np.ndarray:
   h, w = shape[:2]
-  if box_flag:
-    try:
-      y0, x0, y1, x1 = (float(v) for v in box_flag.split(','))
-    except ValueError as e:
-      raise PredictError(f'--box={box_flag!r}: expected four numbers ymin,xmin,ymax,xmax.') from e
-    return _normalised(np.array([[y0 / h, x0 / w, y1 / h, x1 / w]]))
+  try:
+    y0, x0, y1, x1 = (float(v) for v in box_flag.split(','))
+  except ValueError as e:
+    raise PredictError(f'--box={box_flag!r}: expected four numbers ymin,xmin,ymax,xmax.') from e
+  if not (y1 > y0 and x1 > x0):
+    raise PredictError(f'--box={box_flag!r}: expected ymin < ymax and xmin < xmax.')
+  return _normalised(np.array([[y0 / h, x0 / w, y1 / h, x1 / w]]))
+
+
+def annotated_boxes(path: str, shape) -> np.ndarray | None:
+  """The WBC boxes [k, 4] (normalised, largest first) of the VOC file beside the image; None
+  when there is no such file."""
   xml = os.path.splitext(path)[0] + '.xml'
   if not os.path.isfile(xml):
-    raise PredictError(f'{path}: this run uses the crop view, which needs the WBC box; expected '
-                       f'a VOC annotation {xml} or --box=ymin,xmin,ymax,xmax.')
+    return None
+  h, w = shape[:2]
   with open(xml, 'rb') as f:
     boxes = bccd_wbc.parse_wbc_boxes(f.read(), xml)
   if not boxes:
     raise PredictError(f'{xml}: no WBC box in the annotation.')
-  return _normalised(np.array([[y0 / h, x0 / w, y1 / h, x1 / w] for y0, x0, y1, x1 in boxes]))
+  boxes = np.array([[y0 / h, x0 / w, y1 / h, x1 / w] for y0, x0, y1, x1 in boxes])
+  area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+  # Largest first: the dataset's crop view crops around the largest box of an image.
+  return _normalised(boxes[np.argsort(-area, kind='stable')])
 
 
 def _normalised(boxes: np.ndarray) -> np.ndarray:
@@ -72,34 +120,143 @@ def _normalised(boxes: np.ndarray) -> np.ndarray:
   return np.clip(boxes, 0.0, 1.0).astype(np.float32)
 
 
-def predict_files(run_dir: str, paths: list[str], box: str | None = None) -> list[dict]:
-  try:
-    run = rundir.restore_run(run_dir)
-  except rundir.RunDirError as e:
-    raise PredictError(str(e)) from e
-  config, class_names = run.config, run.class_names
+@dataclasses.dataclass
+class Cell:
+  """One row of the output: a cell to classify, or an image's error."""
+  image: str
+  index: int = 0
+  box: np.ndarray | None = None   # normalised [4]
+  source: str = ''
+  score: float | None = None
+  error: str = ''
+  frame_hw: tuple[int, int] = (0, 0)  # the image's size, for the box in pixels
+
+
+class Predictor:
+  """A restored run and, for the crop view, where its boxes come from."""
+
+  def __init__(self, run_dir: str, localiser_dir: str | None = None):
+    self.run_dir = _trained_run_dir(run_dir)
+    try:
+      self.run = rundir.restore_run(self.run_dir)
+    except rundir.RunDirError as e:
+      raise PredictError(str(e)) from e
+    self.config = self.run.config
+    self.crop = self.config.data.view != 'frame'
+    self.localiser_dir = localiser_dir or rundir.localiser_dir_of_run(self.run_dir)
+    self._localiser = None
+    if localiser_dir and not os.path.isfile(os.path.join(localiser_dir, 'localiser.json')):
+      raise PredictError(f'--localiser={localiser_dir}: no localiser.json there; expected a '
+                         'directory written by the located view (WORKDIR/located/<split>/'
+                         'localiser).')
+
+  def localiser(self, path: str) -> localise.Localiser:
+    if self._localiser is None:
+      if not os.path.isfile(os.path.join(self.localiser_dir, 'localiser.json')):
+        raise PredictError(
+            f'{path}: no WBC box (no {os.path.splitext(path)[0]}.xml, no --box), and the run '
+            f'has no localiser ({self.localiser_dir} is missing); train with a config whose '
+            "views include 'located' (configs/baseline.py:quick does), or pass --localiser=DIR.")
+      self._localiser = localise.Localiser.load(self.localiser_dir)
+    return self._localiser
+
+  def cells(self, path: str, frame: np.ndarray, box_flag: str | None) -> list[Cell]:
+    hw = tuple(frame.shape[:2])
+    if not self.crop:
+      return [Cell(path, source='frame', frame_hw=hw)]
+    if box_flag:
+      return [Cell(path, box=parse_box_flag(box_flag, hw)[0], source='flag', frame_hw=hw)]
+    boxes = annotated_boxes(path, hw)
+    if boxes is not None:
+      return [Cell(path, i, b, 'annotation', frame_hw=hw) for i, b in enumerate(boxes)]
+    net = self.localiser(path)
+    (found,) = localise.detect(net, frame[None])
+    keep = found.scores >= net.threshold
+    if not keep.any():
+      return [Cell(path, error=f'no WBC found (best localiser score {found.scores[0]:.2f} < '
+                               f'threshold {net.threshold:.2f})', frame_hw=hw)]
+    return [Cell(path, i, b, 'localiser', float(s), frame_hw=hw)
+            for i, (b, s) in enumerate(zip(found.boxes[keep], found.scores[keep]))]
+
+  def classify(self, frames: list[np.ndarray], cells: list[Cell]) -> np.ndarray:
+    """Probabilities [n, C] of the cells (cells[i] of frames[i])."""
+    images = []
+    for frame, cell in zip(frames, cells):
+      if self.crop:
+        images.append(crops.crop_cells(frame[None], [cell.box[None]], self.config.data)[0])
+      else:
+        raw = {'images': frame[None], 'labels': np.zeros(1, np.int32),
+               'image_ids': np.zeros(1, np.int32), 'boxes': [np.zeros((0, 4))],
+               'class_names': tuple(self.run.class_names)}
+        images.append(ip.make_view(raw, self.config.data).images[0])
+    return self.run.predict(np.stack(images))
+
+
+def _trained_run_dir(run_dir: str) -> str:
+  """A located run WORKDIR/located/<split>/<regime>/<model> -> its crop run (the one with
+  checkpoints) WORKDIR/crop/<split>/<regime>/<model>; any other run directory as it is."""
+  path = os.path.join(run_dir, rundir.RESULTS)
+  if os.path.isfile(path) and utils.read_json(path).get('located', {}).get('crop_run'):
+    split_path = os.path.dirname(os.path.dirname(os.path.abspath(run_dir)))
+    workdir = os.path.dirname(os.path.dirname(split_path))
+    return os.path.join(workdir, 'crop', os.path.relpath(os.path.abspath(run_dir),
+                                                         os.path.dirname(split_path)))
+  return run_dir
+
+
+def predict_files(run_dir: str, paths: list[str], box: str | None = None,
+                  localiser_dir: str | None = None, batch_images: int = 32) -> list[dict]:
+  """One row per cell (and per failed image) of `paths` (files or folders), in order."""
+  paths = expand_paths(paths)
   if box and len(paths) != 1:
     raise PredictError('--box applies to one image; give VOC XML files for several.')
-  views = []
-  for path in paths:
-    frame = read_image(path)
-    boxes = (wbc_boxes_for(path, frame.shape, box) if config.data.view == 'crop'
-             else np.zeros((0, 4)))
-    raw = {'images': frame[None], 'labels': np.zeros(1, np.int32),
-           'image_ids': np.zeros(1, np.int32), 'boxes': [boxes], 'class_names': tuple(class_names)}
-    views.append(ip.make_view(raw, config.data).images[0])
-  probs = run.predict(np.stack(views))
-  return [{'image': p, 'predicted': class_names[int(np.argmax(q))],
-           **{f'p_{n}': float(v) for n, v in zip(class_names, q)}} for p, q in zip(paths, probs)]
+  predictor = Predictor(run_dir, localiser_dir)
+  class_names = predictor.run.class_names
+  rows = []
+  for start in range(0, len(paths), max(batch_images, 1)):
+    frames, cells, failed = [], [], []
+    for path in paths[start:start + batch_images]:
+      try:
+        frame = read_image(path)
+        found = predictor.cells(path, frame, box)
+      except (PredictError, bccd_wbc.BccdDataError) as e:
+        found = [Cell(path, error=str(e))]
+      for cell in found:
+        (failed if cell.error else cells).append(cell)
+        if not cell.error:
+          frames.append(frame)
+    probs = predictor.classify(frames, cells) if cells else np.zeros((0, len(class_names)))
+    by_image = {}
+    for cell, p in zip(cells, probs):
+      by_image.setdefault(cell.image, []).append(_row(cell, p, class_names))
+    for cell in failed:
+      by_image.setdefault(cell.image, []).append(_row(cell, None, class_names))
+    for path in paths[start:start + batch_images]:
+      rows += by_image.pop(path, [])
+  return rows
+
+
+def _row(cell: Cell, probs, class_names) -> dict:
+  row = {'image': cell.image, 'cell': cell.index, 'box_source': cell.source,
+         'box_score': '' if cell.score is None else cell.score}
+  row.update({k: '' for k in BOX_FIELDS})
+  row.update({'predicted': '', **{f'p_{n}': '' for n in class_names}, 'error': cell.error})
+  if probs is not None:
+    row['predicted'] = class_names[int(np.argmax(probs))]
+    row.update({f'p_{n}': float(v) for n, v in zip(class_names, probs)})
+  if cell.box is not None:
+    h, w = cell.frame_hw
+    row.update(zip(BOX_FIELDS, (round(float(v) * s) for v, s in zip(cell.box, (h, w, h, w)))))
+  return row
 
 
 def main(argv):
   logging.set_verbosity(logging.WARNING)
   paths = argv[1:]
   if not paths:
-    raise app.UsageError('give one or more image files after the flags.')
+    raise app.UsageError('give one or more image files or folders after the flags.')
   try:
-    rows = predict_files(FLAGS.workdir, paths, FLAGS.box)
+    rows = predict_files(FLAGS.workdir, paths, FLAGS.box, FLAGS.localiser, FLAGS.batch_images)
   except (PredictError, bccd_wbc.BccdDataError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
@@ -110,7 +267,14 @@ def main(argv):
     writer.writerow({k: (f'{v:.4f}' if isinstance(v, float) else v) for k, v in row.items()})
   if FLAGS.output:
     out.close()
-    print(f'wrote {len(rows)} predictions to {FLAGS.output}')
+  errors = [r for r in rows if r['error']]
+  cells = len(rows) - len(errors)
+  print(f'{cells} cell(s) classified' + (f' to {FLAGS.output}' if FLAGS.output else '')
+        + (f'; {len(errors)} image(s) failed:' if errors else ''), file=sys.stderr)
+  for r in errors:
+    print(f'  {r["error"]}' if r['error'].startswith(r['image']) else
+          f'  {r["image"]}: {r["error"]}', file=sys.stderr)
+  sys.exit(1 if errors else 0)
 
 
 if __name__ == '__main__':

@@ -25,6 +25,7 @@ import shlex
 from collections.abc import Callable, Sequence
 
 from wbc_jax import cells as cells_lib
+from wbc_jax import located
 from wbc_jax import names
 from wbc_jax import paper_results
 from wbc_jax import plots
@@ -421,6 +422,7 @@ def render_markdown(report: dict, cells: Sequence[dict]) -> str:
   return ''.join([
       _section_header(report['header'], report['n_boot']),
       _section_results(cells),
+      located.localisation_markdown(report.get('localisation', [])),
       _section_paper(cells),
       _section_comparisons(report['comparisons']),
       _section_recall(cells),
@@ -463,6 +465,7 @@ def write_report(workdir: str, *, command: str | None = None, n_boot: int = 2000
                 'readme_line': paper_results.README_BEST_LINE,
                 'table2': [dataclasses.asdict(c) for c in paper_results.TABLE2]},
       'gans': gan_entries(workdir),
+      'localisation': located.localisation_summary(runs),
   }
   utils.write_json(os.path.join(report_dir, 'report.json'), report)
   # Last, and atomically: a REPORT.md that exists is a complete one.

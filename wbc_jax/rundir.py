@@ -13,6 +13,8 @@ and restoring a finished run.
   WORKDIR/<view>/<split>/measures/feature_cnn/  the measures' feature CNN, where the split
       has no finished original/cnn run
   WORKDIR/<view>/paper/gan_<kind>/              the paper protocol's GAN (every image)
+  WORKDIR/located/<split>/localiser/            a split's WBC localiser (`wbc_jax.located`),
+      fitted on its training boxes: localiser.msgpack, localiser.json, detections.json
   WORKDIR/summary.json, summary.md, REPORT.md, report/
 
 Everything that writes or reads these paths goes through this module: the driver
@@ -47,7 +49,8 @@ MEASURES = 'measures.json'
 GAN_PREFIX = 'gan_'
 # Directories beside the regimes of a split that hold classifier runs which are not cells of
 # the ablation: the measures' feature CNN here, and a GAN's CAS run (under GAN_PREFIX).
-_NOT_REGIMES = ('measures',)
+_NOT_REGIMES = ('measures', 'localiser')
+LOCATED_VIEW = 'located'
 
 
 class RunDirError(ValueError):
@@ -85,6 +88,18 @@ def gan_dir(workdir: str, view: str, split: str, kind: str) -> str:
 
 def feature_cnn_dir(workdir: str, view: str, split: str) -> str:
   return os.path.join(split_dir(workdir, view, split), 'measures', 'feature_cnn')
+
+
+def localiser_dir(workdir: str, split: str) -> str:
+  return os.path.join(split_dir(workdir, LOCATED_VIEW, split), 'localiser')
+
+
+def localiser_dir_of_run(run_dir_: str) -> str:
+  """The localiser of the split a run directory WORKDIR/<view>/<split>/<regime>/<model>
+  belongs to (it may not exist)."""
+  split_path = os.path.dirname(os.path.dirname(os.path.abspath(run_dir_)))
+  workdir = os.path.dirname(os.path.dirname(split_path))
+  return localiser_dir(workdir, os.path.basename(split_path))
 
 
 def is_finished(run_dir_: str) -> bool:
@@ -213,11 +228,14 @@ class FinishedRun:
 
   def predict(self, images_uint8: np.ndarray) -> np.ndarray:
     """The seed ensemble's probabilities [N, C] of uint8 images [N, H, W, 3]."""
-    # The standardisation stored in the state: the training images' statistics.
-    probs = evaluation.predict_probs(self.programs.predict, self.state.best_params,
-                                     self.state.best_batch_stats, images_uint8,
-                                     self.config.train.eval_batch_size, self.state.predict_consts)
-    return probs.mean(axis=0)
+    return self.predict_seeds(images_uint8).mean(axis=0)
+
+  def predict_seeds(self, images_uint8: np.ndarray) -> np.ndarray:
+    """Every seed's probabilities [S, N, C] of uint8 images [N, H, W, 3]."""
+    # The standardisation and prior correction stored in the state (training images').
+    return evaluation.predict_probs(self.programs.predict, self.state.best_params,
+                                    self.state.best_batch_stats, images_uint8,
+                                    self.config.train.eval_batch_size, self.state.predict_consts)
 
   def seed_variables(self, index: int = 0) -> dict:
     """The flax variables of seed `index`'s selected parameters, on the host."""

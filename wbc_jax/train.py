@@ -44,6 +44,7 @@ from wbc_jax import metrics as metrics_lib
 from wbc_jax import models
 from wbc_jax import plots
 from wbc_jax import sharding
+from wbc_jax import training_set
 from wbc_jax import utils
 
 PyTree = Any
@@ -67,7 +68,7 @@ class TrainState:
   input_mean: jax.Array    # float32 [3]: images are standardised as (x - mean) / std;
   input_std: jax.Array     # 0 and 1 (no change) unless train.standardize
   class_log_bias: jax.Array  # float32 [C]: predictions are p * exp(bias), renormalised;
-                             # tau * log(training prior) with train.prior_correction = tau
+                             # `training_set.prior_log_bias` with train.prior_correction
 
   def eval_variables(self) -> tuple[PyTree, PyTree]:
     """The (params, batch_stats) evaluated each epoch: the moving average when kept."""
@@ -150,36 +151,6 @@ class StepOptions:
                label_smoothing=float(tc.label_smoothing), ema_decay=float(tc.ema_decay))
 
 
-def loss_constants(labels: np.ndarray, num_classes: int, train_config) -> dict[str, np.ndarray]:
-  """The train step's per-run constants, from the training labels (real + synthetic).
-
-  class_weights [C]: inverse class frequency with train.class_weighting, else ones.
-  logit_offset [C]: tau * log(class prior) with train.logit_adjust_tau = tau > 0, else
-    zeros. Added to the logits in the loss only (Menon et al., 2021, "Long-tail learning
-    via logit adjustment"), it makes the unadjusted logits estimate a class-balanced
-    posterior: the minority classes are not argued down by their prior.
-  """
-  tau = float(train_config.logit_adjust_tau)
-  counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
-  prior = np.maximum(counts, 1) / max(counts.sum(), 1)
-  return {'class_weights': class_weights_for(labels, num_classes, train_config.class_weighting),
-          'logit_offset': (tau * np.log(prior) if tau > 0 else np.zeros(num_classes))
-          .astype(np.float32)}
-
-
-def prior_log_bias(labels: np.ndarray, num_classes: int, tau: float) -> np.ndarray:
-  """tau * log(class prior of `labels`) [C], float32: `TrainState.class_log_bias`.
-
-  A model trained on class-balanced batches estimates a posterior under a uniform prior;
-  multiplying its probabilities by prior ** tau moves it towards the training prior (tau = 1:
-  the full Bayes correction, best for plain accuracy; tau = 0: none, best for balanced
-  accuracy). Its value is chosen on validation (experiments/baseline/prior.md).
-  """
-  counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
-  prior = np.maximum(counts, 1) / max(counts.sum(), 1)
-  return (float(tau) * np.log(prior)).astype(np.float32)
-
-
 def _standardize(images: jax.Array, consts: tuple[jax.Array, ...]) -> jax.Array:
   mean, std = consts[:2]
   return (images - mean) / std
@@ -203,7 +174,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], consts: dict[str,
   """One optimizer step of one seed.
 
   batch: {'image': float32 [B, H, W, 3] in [0, 1], 'label': int32 [B]};
-  consts: `loss_constants` ({'class_weights': [C], 'logit_offset': [C]}).
+  consts: `training_set.loss_constants` ({'class_weights': [C], 'logit_offset': [C]}).
   Returns the new state and {'loss', 'correct', 'count'} summed over the batch.
   """
   rng = jax.random.fold_in(state.rng, state.step)
@@ -282,7 +253,7 @@ class Programs:
   and batches as global arrays (`sharding.put`), the state as these programs return it.
     init(keys [S, 2])                                 -> state
     train_step(state, batch, consts)                  -> state, {'loss', 'correct', 'count': [S]}
-      (consts: `loss_constants`, the same for every seed)
+      (consts: `training_set.loss_constants`, the same for every seed)
     predict(params, batch_stats, images [B, H, W, 3], consts ([S, 3], [S, 3], [S, C]))
                                                       -> probabilities [S, B, C]
     select_best(state, score [S])                     -> state
@@ -335,15 +306,6 @@ def seed_keys(seeds) -> jax.Array:
   return jax.vmap(jax.random.PRNGKey)(jnp.asarray(list(seeds), jnp.uint32))
 
 
-def class_weights_for(labels: np.ndarray, num_classes: int, enabled: bool) -> np.ndarray:
-  if not enabled:
-    return np.ones(num_classes, np.float32)
-  counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
-  # Keras/sklearn "balanced": n / (C * count); absent classes get weight 0.
-  w = np.where(counts > 0, len(labels) / (num_classes * np.maximum(counts, 1)), 0.0)
-  return w.astype(np.float32)
-
-
 _PROGRAMS: dict = {}
 
 
@@ -358,25 +320,6 @@ def _cached_programs(key, build: Callable[[bool], Programs], tta: bool) -> Progr
 
 class NonFiniteLossError(FloatingPointError):
   pass
-
-
-FIT_ON = ('train', 'train+val')
-
-
-def fit_indices(split: ip.Split, train_config) -> np.ndarray:
-  """The real images a run trains on: the training split, or with train.fit_on='train+val'
-  the validation images too (the recipe chosen on validation, then refit on both; only a
-  fixed schedule, select='last', can do without a held-out validation set)."""
-  fit_on = train_config.fit_on
-  if fit_on not in FIT_ON:
-    raise ValueError(f"config.train.fit_on: unknown value {fit_on!r}; expected one of "
-                     f"{', '.join(FIT_ON)}.")
-  if fit_on == 'train':
-    return np.asarray(split.train)
-  if train_config.select != 'last':
-    raise ValueError(f"config.train.fit_on='train+val' trains on the validation images, so "
-                     f"config.train.select must be 'last', not {train_config.select!r}.")
-  return np.concatenate([split.train, split.val])
 
 
 def train_and_evaluate(config, workdir: str, *, examples: ip.Examples, split: ip.Split,
@@ -403,7 +346,7 @@ def train_and_evaluate(config, workdir: str, *, examples: ip.Examples, split: ip
     utils.write_atomic(os.path.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
   num_classes = len(examples.class_names)
   image_shape = tuple(examples.images.shape[1:])
-  fit_index = fit_indices(split, tc)
+  fit_index = training_set.fit_indices(split, tc)
   train_x, train_y = examples.images[fit_index], examples.labels[fit_index]
   model = models.get_model(model_name, num_classes=num_classes, conv_impl=tc.conv_impl)
   augment_lib.check_impl(config.augment.impl, config.augment)
@@ -427,7 +370,7 @@ def train_and_evaluate(config, workdir: str, *, examples: ip.Examples, split: ip
   local_rows = sharding.local_seed_rows(programs.seed_sharding, len(seeds))
   local_seeds = [seeds[i] for i in local_rows]
 
-  consts = loss_constants(all_train_y, num_classes, tc)
+  consts = training_set.loss_constants(all_train_y, num_classes, tc)
 
   keys = sharding.put(np.asarray(seed_keys(seeds)), programs.seed_sharding)
   history: list[dict] = []
@@ -454,7 +397,7 @@ def train_and_evaluate(config, workdir: str, *, examples: ip.Examples, split: ip
     if tc.prior_correction:
       # The real training labels' prior (synthetic images would flatten it).
       state = state.replace(class_log_bias=put(
-          prior_log_bias(train_y, num_classes, tc.prior_correction)))
+          training_set.prior_log_bias(train_y, num_classes, tc.prior_correction)))
 
   # Validation is needed every epoch (model selection); the train and test curves are
   # optional, and evaluating the training images costs as much as a third of an epoch.
