@@ -126,6 +126,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.name = 'bccd_wbc/four_class'
   c.data.data_dir = ''        # TFDS data_dir; '' = TFDS default (~/tensorflow_datasets)
+  # name='folder': your own collection, one sub-folder of images per class (wbc_jax.folder_data)
+  c.data.folder = ''
+  c.data.folder_classes = ()  # () = the sub-folders' names, sorted
   c.data.manual_dir = os.environ.get('WBC_JAX_MANUAL_DIR', '')
   c.data.view = 'frame'       # set per run from `views`
   c.data.frame_size = (60, 80)

@@ -12,7 +12,6 @@ every number. Hit: the most confident detection has IoU >= 0.5 with an annotated
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -20,6 +19,9 @@ import shlex
 import sys
 import time
 
+from absl import app
+from absl import flags
+from ml_collections import config_flags
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,16 +31,11 @@ from wbc_jax import input_pipeline as ip  # noqa: E402
 from wbc_jax import localise  # noqa: E402
 from wbc_jax import utils  # noqa: E402
 
-
-def load_config(spec: str):
-  import importlib.util
-  path, _, arg = spec.partition(':')
-  if not os.path.isfile(path):
-    raise SystemExit(f'--config={spec}: no such file {path}.')
-  module_spec = importlib.util.spec_from_file_location('localiser_cv_config', path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/baseline.py:cv',
+                                          'The config whose splits and localiser settings to use.')
+_MAX_SPLITS = flags.DEFINE_integer('max_splits', 5, 'Only the first n splits (<= 0: all).')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Where each finished split is kept.')
+_OUT = flags.DEFINE_string('out', None, 'Where README.md and results.json go.')
 
 
 def run_split(raw, split, config) -> dict:
@@ -107,23 +104,18 @@ def markdown(per_split, summary, header) -> str:
   return '\n'.join(lines) + '\n'
 
 
-def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  p.add_argument('--config', default='configs/baseline.py:cv')
-  p.add_argument('--max_splits', type=int, default=5)
-  p.add_argument('--workdir', required=True)
-  p.add_argument('--out', required=True)
-  args = p.parse_args(argv)
-  config = load_config(args.config)
+def main(argv) -> None:
+  del argv
+  config, workdir, out_dir = _CONFIG.value, _WORKDIR.value, _OUT.value
   start = time.perf_counter()
   raw = ip.load_raw(config.data)
   splits = ip.make_splits(raw['labels'], config.split)
-  if args.max_splits > 0:
-    splits = splits[:args.max_splits]
-  os.makedirs(args.workdir, exist_ok=True)
+  if _MAX_SPLITS.value > 0:
+    splits = splits[:_MAX_SPLITS.value]
+  os.makedirs(workdir, exist_ok=True)
   per_split = []
   for i, split in enumerate(splits):
-    path = os.path.join(args.workdir, f'{split.name}.json')
+    path = os.path.join(workdir, f'{split.name}.json')
     if os.path.isfile(path):
       per_split.append(utils.read_json(path))
       print(f'[{i + 1}/{len(splits)}] {split.name}: done before, read {path}')
@@ -135,20 +127,18 @@ def main(argv=None) -> int:
           f'{result["network"]["hit_rate"]:.3f}, classical {result["classical"]["hit_rate"]:.3f}')
     per_split.append(result)
   summary = summarise(per_split)
-  header = {'command': 'python scripts/localiser_cv.py ' + shlex.join(argv or sys.argv[1:]),
+  header = {'command': 'python scripts/localiser_cv.py ' + shlex.join(sys.argv[1:]),
             'machine': f'{utils.cpu_model()}, {os.cpu_count()} CPUs',
             'date': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
             'wall': f'{time.perf_counter() - start:.0f} s (this invocation; splits finished '
                     'before are read back, not refitted)'}
-  os.makedirs(args.out, exist_ok=True)
-  utils.write_json(os.path.join(args.out, 'results.json'),
-                   {'header': header, 'summary': summary,
-                    'splits': [{k: v for k, v in s.items()} for s in per_split]})
-  with open(os.path.join(args.out, 'README.md'), 'w') as f:
-    f.write(markdown(per_split, summary, header))
+  os.makedirs(out_dir, exist_ok=True)
+  utils.write_json(os.path.join(out_dir, 'results.json'),
+                   {'header': header, 'summary': summary, 'splits': per_split})
+  utils.write_atomic(os.path.join(out_dir, 'README.md'), markdown(per_split, summary, header))
   print(json.dumps(summary, indent=1))
-  return 0
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  flags.mark_flags_as_required(['workdir', 'out'])
+  app.run(main)

@@ -15,6 +15,7 @@ def _positive(value) -> bool:
   return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
 
 
+@pytest.mark.slow
 def test_benchmark_writes_json_and_markdown(tmp_path):
   out = tmp_path / 'bench'
   cmd = [sys.executable, SCRIPT, '--models', 'cnn', '--seeds', '1', '--reps', '1',

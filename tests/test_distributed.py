@@ -48,6 +48,7 @@ def reference(test_config, tmp_path_factory):
   return train_one_run(test_config, str(tmp_path_factory.mktemp('one_process')), num_seeds=2)
 
 
+@pytest.mark.slow
 def test_two_processes_killed_and_restarted_match_one_process(test_config, reference, tmp_path):
   """Both processes are killed after the first checkpoint; restarted, they resume from it
   and end with the one-process metrics, the same in both processes."""

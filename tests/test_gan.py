@@ -452,6 +452,7 @@ def cond_runs(tmp_path_factory):
   return straight, straight_dir, resumed, resumed_dir, messages
 
 
+@pytest.mark.slow
 def test_restart_gives_the_same_final_state(cond_runs):
   straight, straight_dir, resumed, resumed_dir, messages = cond_runs
   assert any('Restored step 2' in m for m in messages)
@@ -568,6 +569,7 @@ def test_quick_gans_train_frames_small_and_crops_at_their_size(arg):
 
 
 @pytest.mark.parametrize('per_view', [False, True])
+@pytest.mark.slow
 def test_gan_at_its_own_resolution_gives_classifier_sized_images(test_config, tmp_path,
                                                                  per_view):
   """A GAN at 12x16 (gan.resolution, or the frame view's own) trains on the 24x32 training

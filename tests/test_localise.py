@@ -158,3 +158,38 @@ def test_a_split_localiser_never_sees_validation_or_test_boxes(tmp_path):
 def jax_leaves(tree):
   import jax
   return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def test_located_view_needs_the_crop_view_first_and_real_image_regimes():
+  from wbc_jax import located
+  deep = ('cnn', 'cellnet')
+  located.check_views(('crop', 'located'), ('cellnet', 'floor'), deep)
+  located.check_views(('located',), ('floor',), deep)      # the floor is refitted: no crop run
+  for views in (('located',), ('located', 'crop')):
+    with pytest.raises(ValueError, match="list 'crop' first"):
+      located.check_views(views, ('cellnet',), deep)
+  with pytest.raises(ValueError, match='drop original\\+gan'):
+    located.check_views(('crop', 'located'), ('cellnet',), deep, ['original+gan'])
+
+
+@pytest.mark.slow
+def test_localiser_cv_script_writes_its_table(test_config, tmp_path):
+  import json
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  cmd = [sys.executable, 'scripts/localiser_cv.py', '--config=configs/baseline.py:test',
+         f'--config.data.manual_dir={test_config.data.manual_dir}',
+         f'--config.data.data_dir={test_config.data.data_dir}', '--max_splits=1',
+         f'--workdir={tmp_path / "work"}', f'--out={tmp_path / "out"}']
+  proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  results = json.load(open(tmp_path / 'out' / 'results.json'))
+  assert results['summary']['network']['frames'] == 44   # the holdout split's test frames
+  assert '| network (wbc_jax.localise.CentreNet) | 44 |' in open(tmp_path / 'out' /
+                                                              'README.md').read()
+  # Missing flags: a usage error, no files.
+  proc = subprocess.run([sys.executable, 'scripts/localiser_cv.py'], cwd=root,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0 and '--workdir' in proc.stderr

@@ -162,6 +162,7 @@ def measured(test_config, tmp_path_factory):
   return workdir, proc.stdout, int(examples.image_ids[copied]), config
 
 
+@pytest.mark.slow
 def test_measures_cli_end_to_end(measured, test_config):
   workdir, stdout, copied_id, _ = measured
   gan_dir = os.path.join(workdir, 'frame', 'holdout', f'gan_{test_config.gan.kind}')

@@ -175,6 +175,7 @@ def test_max_pool_matches_flax_max_pool_values_and_gradients(shape):
                              jax.grad(loss(flax_pool))(x), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_gan_convolutions_do_not_depend_on_conv_impl():
   from wbc_jax.gan import models as gan_models
   labels = jnp.array([0, 1, 3])

@@ -46,10 +46,12 @@ def four_devices(test_config, tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow
 def test_four_devices_match_one_device(reference, four_devices):
   assert_same_results(run_dir(four_devices), run_dir(reference))
 
 
+@pytest.mark.slow
 def test_state_is_sharded_and_restored_sharded(four_devices):
   proc = subprocess.run([sys.executable, os.path.join('tests', 'sharding_probe.py'),
                          run_dir(four_devices)], cwd=ROOT, env=emulated_env(4),

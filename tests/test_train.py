@@ -46,6 +46,7 @@ def full_run(test_config, tmp_path_factory):
   return workdir, proc.stdout
 
 
+@pytest.mark.slow
 def test_entry_point_end_to_end(full_run):
   workdir, stdout = full_run
   assert 'ablation done' in stdout and 'img/s' in stdout and 'ETA' in stdout
@@ -74,6 +75,7 @@ def test_completed_runs_are_skipped(full_run, test_config):
   assert _test_metrics(workdir) == before
 
 
+@pytest.mark.slow
 def test_kill_and_restart_matches_uninterrupted(full_run, test_config, tmp_path):
   workdir, _ = full_run
   killed = str(tmp_path / 'killed')
@@ -207,6 +209,7 @@ def test_predict_missing_run_dir_is_clear(tmp_path):
   assert proc.returncode == 2 and 'no config.json' in proc.stderr
 
 
+@pytest.mark.slow
 def test_gan_regime_keeps_synthetic_images_out_of_evaluation(test_config, tmp_path,
                                                             evaluated_images):
   """The '+gan' regime trains on synthetic images; no evaluation ever sees one."""

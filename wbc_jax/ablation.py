@@ -55,7 +55,8 @@ def validate(config) -> None:
     if view not in ip.VIEWS:
       raise ValueError(f'config.ablation.views: unknown view {view!r}; expected one of '
                        f'{", ".join(ip.VIEWS)}.')
-  located.check_views(config.ablation.views, config.ablation.models, models.MODEL_LABELS)
+  located.check_views(config.ablation.views, config.ablation.models, models.MODEL_LABELS,
+                      [r for r in config.ablation.regimes if names.regime(r).gan])
   if config.split.protocol not in ip.PROTOCOLS:
     raise ValueError(f'config.split.protocol: unknown protocol {config.split.protocol!r}; '
                      f'expected one of {", ".join(ip.PROTOCOLS)}.')

@@ -45,6 +45,7 @@ from sklearn.model_selection import RepeatedStratifiedKFold, train_test_split
 
 from wbc_jax import bccd_wbc
 from wbc_jax import crops
+from wbc_jax import folder_data
 
 # 'located': trained on the crops at the annotated boxes, like 'crop', but its validation
 # and test images are cropped where the localiser found the cell (`wbc_jax.located`).
@@ -103,11 +104,14 @@ def _download_config(manual_dir: str | None):
 
 
 def load_raw(data_config) -> dict:
-  """Loads (and prepares on first use) `bccd_wbc`: whole frames [N, 480, 640, 3] and boxes.
+  """Loads (and prepares on first use) `bccd_wbc`: whole frames [N, 480, 640, 3] and boxes;
+  or with data.name='folder' the collection in `data.folder` (`wbc_jax.folder_data`).
 
   Cached per process on (name, data_dir, manual_dir): every view and run of an ablation
   reads the dataset once. Callers must not modify the returned arrays.
   """
+  if data_config.name == folder_data.NAME:
+    return folder_data.load(data_config.folder, tuple(data_config.folder_classes))
   return _load_raw(data_config.name, data_config.data_dir or None, data_config.manual_dir or None)
 
 

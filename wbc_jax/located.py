@@ -35,9 +35,14 @@ VIEW = rundir.LOCATED_VIEW
 DETECTIONS = 'detections.json'
 
 
-def check_views(views, models, deep_models) -> None:
-  """A deep model's located run evaluates its crop run: 'crop' must come before 'located'."""
+def check_views(views, models, deep_models, gan_regimes=()) -> None:
+  """A deep model's located run evaluates its crop run: 'crop' must come before 'located';
+  and the located view runs the real-image regimes only (gan_regimes: those with GAN images)."""
   views = tuple(views)
+  if VIEW in views and gan_regimes:
+    raise ValueError(f"config.ablation.views: the located view runs the real-image regimes "
+                     f"only; drop {', '.join(gan_regimes)} from config.ablation.regimes or "
+                     "'located' from the views.")
   if VIEW not in views or not any(m in deep_models for m in models):
     return
   if 'crop' not in views or views.index('crop') > views.index(VIEW):
