@@ -231,6 +231,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.localiser.weight_decay = 1e-4
   c.localiser.threshold = 0.3         # heatmap peak score that counts as a found cell
 
+  c.report = ml_collections.ConfigDict()
+  c.report.n_boot = 2000        # bootstrap resamples per interval of REPORT.md
+
   c.ablation = ml_collections.ConfigDict()
   c.ablation.regimes = REGIMES
   c.ablation.models = ('cnn', 'cnn_rnn')
@@ -304,6 +307,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.gan.checkpoint_every = 2
     c.gan.channels = 8 if gan_kind == 'cond' else 0
     c.synthetic.target_per_class = 40
+    c.report.n_boot = 100         # a report's shape, not its intervals, is what tests check
     c.localiser.input_hw = (48, 64)
     c.localiser.width = 8
     c.localiser.steps = 3

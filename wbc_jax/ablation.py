@@ -171,7 +171,8 @@ def run(config, workdir: str, log: Callable = print) -> list[dict]:
     measures.measure_workdir(workdir, config=config, log=log)
   write_summary(workdir, rows, config)
   if sharding.is_primary():  # the report reads results.json, which process 0 writes
-    report.write_report(workdir, command=utils.invocation(), log=log)
+    report.write_report(workdir, command=utils.invocation(), n_boot=config.report.n_boot,
+                        log=log)
   log(f'ablation done in {utils.format_duration(time.time() - t0)}: '
       f'{os.path.join(workdir, "summary.md")}')
   return rows

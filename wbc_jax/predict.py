@@ -47,6 +47,7 @@ flags.DEFINE_string('box', None, 'WBC box "ymin,xmin,ymax,xmax" in pixels (crop 
 flags.DEFINE_string('localiser', None, 'A localiser directory (localiser.json, .msgpack) to '
                     'find cells with, instead of the one stored with the run.')
 flags.DEFINE_integer('batch_images', 32, 'Images read and classified at a time.')
+flags.DEFINE_integer('max_pixels', 50_000_000, 'Larger images are refused before decoding.')
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp')
 BOX_FIELDS = ('box_ymin', 'box_xmin', 'box_ymax', 'box_xmax')
@@ -56,9 +57,27 @@ class PredictError(ValueError):
   pass
 
 
-def read_image(path: str) -> np.ndarray:
+MIN_SIDE = 32
+
+
+def read_image(path: str, max_pixels: int = 50_000_000) -> np.ndarray:
+  """The image [H, W, 3] uint8; its size is checked from the header before decoding, so a huge
+  image is refused without the memory its pixels would take."""
   if not os.path.isfile(path):
     raise PredictError(f'{path}: no such image file.')
+  try:
+    from PIL import Image
+    with Image.open(path) as header:   # reads the header only
+      w, h = header.size
+  except Image.DecompressionBombError as e:  # PIL's own limit, above ours
+    raise PredictError(f'{path}: {e} Refused before decoding.') from e
+  except Exception as e:  # PIL raises several types for what is not an image.
+    raise PredictError(f'{path}: not a readable image ({type(e).__name__}: {e}).') from e
+  if h * w > max_pixels:
+    raise PredictError(f'{path}: {w}x{h} pixels, more than --max_pixels={max_pixels}; '
+                       'refused before decoding.')
+  if min(h, w) < MIN_SIDE:
+    raise PredictError(f'{path}: {w}x{h} pixels; expected at least {MIN_SIDE} on each side.')
   with open(path, 'rb') as f:
     data = f.read()
   try:
@@ -94,7 +113,10 @@ def parse_box_flag(box_flag: str, shape) -> np.ndarray:
     raise PredictError(f'--box={box_flag!r}: expected four numbers ymin,xmin,ymax,xmax.') from e
   if not (y1 > y0 and x1 > x0):
     raise PredictError(f'--box={box_flag!r}: expected ymin < ymax and xmin < xmax.')
-  return _normalised(np.array([[y0 / h, x0 / w, y1 / h, x1 / w]]))
+  box = _normalised(np.array([[y0 / h, x0 / w, y1 / h, x1 / w]]))
+  if not (box[0, 2] > box[0, 0] and box[0, 3] > box[0, 1]):
+    raise PredictError(f'--box={box_flag!r}: outside the {w}x{h} image.')
+  return box
 
 
 def annotated_boxes(path: str, shape) -> np.ndarray | None:
@@ -205,7 +227,8 @@ def _trained_run_dir(run_dir: str) -> str:
 
 
 def predict_files(run_dir: str, paths: list[str], box: str | None = None,
-                  localiser_dir: str | None = None, batch_images: int = 32) -> list[dict]:
+                  localiser_dir: str | None = None, batch_images: int = 32,
+                  max_pixels: int = 50_000_000) -> list[dict]:
   """One row per cell (and per failed image) of `paths` (files or folders), in order."""
   paths = expand_paths(paths)
   if box and len(paths) != 1:
@@ -217,7 +240,7 @@ def predict_files(run_dir: str, paths: list[str], box: str | None = None,
     frames, cells, failed = [], [], []
     for path in paths[start:start + batch_images]:
       try:
-        frame = read_image(path)
+        frame = read_image(path, max_pixels)
         found = predictor.cells(path, frame, box)
       except (PredictError, bccd_wbc.BccdDataError) as e:
         found = [Cell(path, error=str(e))]
@@ -256,7 +279,11 @@ def main(argv):
   if not paths:
     raise app.UsageError('give one or more image files or folders after the flags.')
   try:
-    rows = predict_files(FLAGS.workdir, paths, FLAGS.box, FLAGS.localiser, FLAGS.batch_images)
+    out_dir = os.path.dirname(os.path.abspath(FLAGS.output)) if FLAGS.output else None
+    if out_dir and not os.path.isdir(out_dir):
+      raise PredictError(f'--output={FLAGS.output}: the directory {out_dir} does not exist.')
+    rows = predict_files(FLAGS.workdir, paths, FLAGS.box, FLAGS.localiser, FLAGS.batch_images,
+                         FLAGS.max_pixels)
   except (PredictError, bccd_wbc.BccdDataError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
