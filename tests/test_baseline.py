@@ -486,9 +486,13 @@ def test_predict_raw_images_folders_two_cells_and_a_bad_file(test_config, baseli
   (bad,) = by_image['c_bad.jpg']
   assert 'not a readable image' in bad['error'] and not bad['predicted']
   assert 'c_bad.jpg' in proc.stderr and '1 image(s) failed' in proc.stderr
-  # A localiser that finds nothing: that image's row says so.
+  # Nothing above the localiser's threshold: the best peak is classified, with a note, as the
+  # located view does; with --min_score above it, the image's row is an error instead.
   json.dump(dict(meta, threshold=1.01), open(loc / 'localiser.json', 'w'))
   (row,) = predict.predict_files(rdir, [str(folder / 'a_raw.jpg')], localiser_dir=str(loc))
+  assert row['predicted'] and 'below its threshold' in row['note'] and not row['error']
+  (row,) = predict.predict_files(rdir, [str(folder / 'a_raw.jpg')], localiser_dir=str(loc),
+                                 min_score=1.01)
   assert row['error'].startswith('no WBC found') and row['predicted'] == ''
   # The run's stored localiser is found from the run directory alone; the located run
   # directory stands for its crop run.

@@ -12,8 +12,10 @@ first match wins (the CSV's box_source):
   flag        --box=ymin,xmin,ymax,xmax in pixels (one image only);
   annotation  a Pascal VOC file with the image's name and .xml beside it: one row per WBC box;
   localiser   the WBC localiser of the run's split (WORKDIR/located/<split>/localiser/, which
-              `configs/baseline.py:quick` trains), or the one of --localiser=DIR: one row per
-              cell found above its threshold.
+              `configs/baseline.py:quick` trains), or the one of --localiser=DIR: its most
+              confident peak (as the located view, which was evaluated, classifies it; a 'note'
+              says when it is below the localiser's threshold), and one more row per further
+              cell above the threshold. With --min_score, a best peak below it is an error.
 A run of the frame view classifies the whole frame (box_source 'frame').
 
 An image that cannot be read, or where no cell is found, gets a row with its error and the
@@ -48,6 +50,8 @@ flags.DEFINE_string('localiser', None, 'A localiser directory (localiser.json, .
                     'find cells with, instead of the one stored with the run.')
 flags.DEFINE_integer('batch_images', 32, 'Images read and classified at a time.')
 flags.DEFINE_integer('max_pixels', 50_000_000, 'Larger images are refused before decoding.')
+flags.DEFINE_float('min_score', 0.0, 'An image whose best localiser score is lower gets an error '
+                   'row ("no WBC found") instead of a label.')
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp')
 BOX_FIELDS = ('box_ymin', 'box_xmin', 'box_ymax', 'box_xmax')
@@ -151,13 +155,15 @@ class Cell:
   source: str = ''
   score: float | None = None
   error: str = ''
+  note: str = ''
   frame_hw: tuple[int, int] = (0, 0)  # the image's size, for the box in pixels
 
 
 class Predictor:
   """A restored run and, for the crop view, where its boxes come from."""
 
-  def __init__(self, run_dir: str, localiser_dir: str | None = None):
+  def __init__(self, run_dir: str, localiser_dir: str | None = None, min_score: float = 0.0):
+    self.min_score = float(min_score)
     self.run_dir = _trained_run_dir(run_dir)
     try:
       self.run = rundir.restore_run(self.run_dir)
@@ -193,11 +199,17 @@ class Predictor:
       return [Cell(path, i, b, 'annotation', frame_hw=hw) for i, b in enumerate(boxes)]
     net = self.localiser(path)
     (found,) = localise.detect(net, frame[None])
-    keep = found.scores >= net.threshold
-    if not keep.any():
+    if found.scores[0] < self.min_score:
       return [Cell(path, error=f'no WBC found (best localiser score {found.scores[0]:.2f} < '
-                               f'threshold {net.threshold:.2f})', frame_hw=hw)]
-    return [Cell(path, i, b, 'localiser', float(s), frame_hw=hw)
+                               f'--min_score={self.min_score:.2f})', frame_hw=hw)]
+    # The most confident peak is always a cell, as in the located view that was evaluated;
+    # further peaks count above the localiser's threshold.
+    keep = found.scores >= net.threshold
+    keep[0] = True
+    note = (f'localiser score below its threshold {net.threshold:.2f}: the best peak, as the '
+            'located view classifies it; perhaps no WBC' if found.scores[0] < net.threshold
+            else '')
+    return [Cell(path, i, b, 'localiser', float(s), frame_hw=hw, note=note if i == 0 else '')
             for i, (b, s) in enumerate(zip(found.boxes[keep], found.scores[keep]))]
 
   def classify(self, frames: list[np.ndarray], cells: list[Cell]) -> np.ndarray:
@@ -228,12 +240,12 @@ def _trained_run_dir(run_dir: str) -> str:
 
 def predict_files(run_dir: str, paths: list[str], box: str | None = None,
                   localiser_dir: str | None = None, batch_images: int = 32,
-                  max_pixels: int = 50_000_000) -> list[dict]:
+                  max_pixels: int = 50_000_000, min_score: float = 0.0) -> list[dict]:
   """One row per cell (and per failed image) of `paths` (files or folders), in order."""
   paths = expand_paths(paths)
   if box and len(paths) != 1:
     raise PredictError('--box applies to one image; give VOC XML files for several.')
-  predictor = Predictor(run_dir, localiser_dir)
+  predictor = Predictor(run_dir, localiser_dir, min_score)
   class_names = predictor.run.class_names
   rows = []
   for start in range(0, len(paths), max(batch_images, 1)):
@@ -263,7 +275,8 @@ def _row(cell: Cell, probs, class_names) -> dict:
   row = {'image': cell.image, 'cell': cell.index, 'box_source': cell.source,
          'box_score': '' if cell.score is None else cell.score}
   row.update({k: '' for k in BOX_FIELDS})
-  row.update({'predicted': '', **{f'p_{n}': '' for n in class_names}, 'error': cell.error})
+  row.update({'predicted': '', **{f'p_{n}': '' for n in class_names}, 'note': cell.note,
+              'error': cell.error})
   if probs is not None:
     row['predicted'] = class_names[int(np.argmax(probs))]
     row.update({f'p_{n}': float(v) for n, v in zip(class_names, probs)})
@@ -283,7 +296,7 @@ def main(argv):
     if out_dir and not os.path.isdir(out_dir):
       raise PredictError(f'--output={FLAGS.output}: the directory {out_dir} does not exist.')
     rows = predict_files(FLAGS.workdir, paths, FLAGS.box, FLAGS.localiser, FLAGS.batch_images,
-                         FLAGS.max_pixels)
+                         FLAGS.max_pixels, FLAGS.min_score)
   except (PredictError, bccd_wbc.BccdDataError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
