@@ -476,6 +476,7 @@ def test_restart_gives_the_same_final_state(cond_runs):
   assert (straight_dir / 'samples' / 'step_000004.png').exists()
 
 
+@pytest.mark.slow
 def test_completed_run_only_restores(cond_runs):
   straight, straight_dir, *_ = cond_runs
   images, labels = tiny_data()

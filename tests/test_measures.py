@@ -211,6 +211,7 @@ def test_measures_cli_end_to_end(measured, test_config):
                                 'real_vs_synthetic.png']
 
 
+@pytest.mark.slow
 def test_measured_gans_are_skipped(measured, test_config):
   workdir = measured[0]
   lines = []

@@ -66,6 +66,7 @@ def test_entry_point_end_to_end(full_run):
   assert '| frame |' in open(os.path.join(workdir, 'summary.md')).read()
 
 
+@pytest.mark.slow
 def test_completed_runs_are_skipped(full_run, test_config):
   workdir, _ = full_run
   before = _test_metrics(workdir)
@@ -147,6 +148,7 @@ def _extract_smear(manual_dir, tmp_path, number=0):
   return path, xml
 
 
+@pytest.mark.slow
 def test_predict_cli_writes_csv(full_run, test_config, tmp_path):
   workdir, _ = full_run
   rdir = rundir.run_dir(workdir, 'frame', 'holdout', 'original', 'cnn')
@@ -192,16 +194,19 @@ def test_tested_parameters_are_those_of_the_first_best_validation_epoch(full_run
       np.testing.assert_allclose(final_val, val.max(axis=0), atol=1e-6)
 
 
-def test_predict_crop_needs_a_box(test_config, tmp_path):
+def test_predict_reads_the_annotated_boxes_or_the_box_flag(test_config, tmp_path):
   from wbc_jax import predict
   smear, xml = _extract_smear(test_config.data.manual_dir, tmp_path)
-  with pytest.raises(predict.PredictError, match='needs the WBC box'):
-    predict.wbc_boxes_for(str(smear), (480, 640, 3), None)
+  assert predict.annotated_boxes(str(smear), (480, 640)) is None   # no VOC file beside it
   (tmp_path / 'smear_0.xml').write_bytes(xml)
-  boxes = predict.wbc_boxes_for(str(smear), (480, 640, 3), None)
+  boxes = predict.annotated_boxes(str(smear), (480, 640))
   assert boxes.shape == (1, 4) and np.all((boxes >= 0) & (boxes <= 1))
-  np.testing.assert_allclose(predict.wbc_boxes_for(str(smear), (480, 640, 3), '48,64,96,128'),
+  np.testing.assert_allclose(predict.parse_box_flag('48,64,96,128', (480, 640)),
                              [[0.1, 0.1, 0.2, 0.2]])
+  (tmp_path / 'smear_0.xml').write_text('<annotation><object><name>RBC</name></object>'
+                                        '</annotation>')
+  with pytest.raises(predict.PredictError, match='no WBC box in the annotation'):
+    predict.annotated_boxes(str(smear), (480, 640))
 
 
 def test_predict_missing_run_dir_is_clear(tmp_path):
