@@ -102,14 +102,20 @@ def test_score_detections_counts_hits_misses_and_several():
   assert s['hit_rate'] == pytest.approx(1 / 3)
 
 
+TINY_LOCALISER = dict(input_hw=(48, 64), width=8, steps=3, batch_size=4, learning_rate=1e-3,
+                      weight_decay=0.0, threshold=0.3)
+
+
+def _small_frames(n, step):
+  """n 48x64 frames, the cell moving by `step` pixels each; and their boxes [1, 4]."""
+  pairs = [_frame_with_cell(20 + step[0] * i, 25 + step[1] * i, 10, hw=(48, 64), seed=i)
+           for i in range(n)]
+  return [f for f, _ in pairs], [b[None] for _, b in pairs]
+
+
 def test_fit_save_load_detect_round_trip(tmp_path):
-  frames, boxes = [], []
-  for i in range(6):
-    f, b = _frame_with_cell(20 + 4 * i, 25 + 6 * i, 10, hw=(48, 64), seed=i)
-    frames.append(f)
-    boxes.append(b[None])
-  cfg = ml_collections.ConfigDict(dict(input_hw=(48, 64), width=8, steps=3, batch_size=4,
-                                       learning_rate=1e-3, weight_decay=0.0, threshold=0.3))
+  frames, boxes = _small_frames(6, step=(4, 6))
+  cfg = ml_collections.ConfigDict(TINY_LOCALISER)
   lines = []
   net = localise.fit_localiser(np.stack(frames), boxes, cfg, log=lines.append)
   assert any('localiser step' in line for line in lines)
@@ -128,16 +134,10 @@ def test_fit_save_load_detect_round_trip(tmp_path):
 def test_a_split_localiser_never_sees_validation_or_test_boxes(tmp_path):
   from wbc_jax import input_pipeline as ip
   from wbc_jax import located
-  frames, boxes = [], []
-  for i in range(8):
-    f, b = _frame_with_cell(20 + 3 * i, 25 + 5 * i, 10, hw=(48, 64), seed=i)
-    frames.append(f)
-    boxes.append(b[None])
+  frames, boxes = _small_frames(8, step=(3, 5))
   raw = {'images': np.stack(frames), 'boxes': boxes, 'image_ids': np.arange(8)}
   split = ip.Split('s', train=np.arange(5), val=np.array([5]), test=np.array([6, 7]))
-  config = ml_collections.ConfigDict(dict(seed=0, localiser=dict(
-      input_hw=(48, 64), width=8, steps=3, batch_size=4, learning_rate=1e-3, weight_decay=0.0,
-      threshold=0.3)))
+  config = ml_collections.ConfigDict(dict(seed=0, localiser=TINY_LOCALISER))
   moved = dict(raw, boxes=boxes[:5] + [np.array([[0.0, 0.0, 0.2, 0.2]], np.float32)] * 3)
   a = located.fit_or_load(config, str(tmp_path / 'a'), raw, split, log=lambda s: None)
   b = located.fit_or_load(config, str(tmp_path / 'b'), moved, split, log=lambda s: None)
