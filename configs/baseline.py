@@ -35,8 +35,8 @@ the layout WORKDIR/crop/<split>/original_trad/cellnet/.
 
 Variants:
   cv     the recorded experiment (experiments/baseline): stratified 5-fold cross-validation
-         repeated twice, 2 seeds. About 40 minutes on a 2-core CPU. Add ',located' for the
-         located view too (about 3 minutes more per split).
+         repeated twice, 2 seeds. 27 minutes on a 2-core CPU. Add ',located' for the
+         located view too (about 2 minutes more per split).
   quick  one holdout split, the same recipe, with the located view: its localiser is stored
          with the run, so `wbc_jax.predict` classifies frames with no annotation.
   test   seconds, for the test suite.
