@@ -33,11 +33,11 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import baseline  # noqa: E402
-from wbc_jax import training_set  # noqa: E402
 from wbc_jax import augment  # noqa: E402
 from wbc_jax import input_pipeline as ip  # noqa: E402
 from wbc_jax import models  # noqa: E402
 from wbc_jax import train  # noqa: E402
+from wbc_jax import training_set  # noqa: E402
 from wbc_jax import utils  # noqa: E402
 
 SEEDS, BATCH, SIZE, STEPS = 2, 32, 64, 8

@@ -11,8 +11,8 @@ import sys
 import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs.ablation import get_config
-from wbc_jax import training_set
 from wbc_jax import evaluation, input_pipeline as ip, train, models
+from wbc_jax import training_set
 c = get_config('quick')
 with c.unlocked(): c.data.view='crop'; c.train.learning_rate=float(sys.argv[2])
 ex = ip.load_examples(c.data)

@@ -18,8 +18,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from wbc_jax import training_set
 from wbc_jax import models, sharding, train
+from wbc_jax import training_set
 
 
 def layout(tree) -> dict:

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 
 import config_sections
-from wbc_jax import training_set
 from wbc_jax import augment
 from wbc_jax import evaluation
 from wbc_jax import input_pipeline as ip
 from wbc_jax import models
 from wbc_jax import rundir
 from wbc_jax import train
+from wbc_jax import training_set
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

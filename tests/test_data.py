@@ -11,8 +11,8 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from wbc_jax import crops
 from wbc_jax import bccd_wbc
+from wbc_jax import crops
 from wbc_jax import input_pipeline as ip
 
 

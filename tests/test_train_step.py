@@ -14,10 +14,10 @@ import optax
 import pytest
 
 import config_sections
-from wbc_jax import training_set
 from wbc_jax import evaluation
 from wbc_jax import input_pipeline as ip
 from wbc_jax import train
+from wbc_jax import training_set
 
 NUM_CLASSES = 3
 

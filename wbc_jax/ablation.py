@@ -23,7 +23,6 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from wbc_jax import training_set
 from wbc_jax import floor
 from wbc_jax import input_pipeline as ip
 from wbc_jax import located
@@ -35,6 +34,7 @@ from wbc_jax import report
 from wbc_jax import rundir
 from wbc_jax import sharding
 from wbc_jax import train
+from wbc_jax import training_set
 from wbc_jax import utils
 from wbc_jax.gan import sample as gan_sample
 from wbc_jax.gan import train as gan_train
@@ -180,10 +180,8 @@ def run(config, workdir: str, log: Callable = print) -> list[dict]:
 
 def located_run(config, workdir: str, examples: ip.Examples, split: ip.Split, regime: str,
                 model: str, rdir: str, tag: str, log: Callable = print) -> dict:
-  """One run of the located view (`wbc_jax.located`); returns results.json's contents."""
-  if names.regime(regime).gan:
-    raise ValueError(f'config.ablation.regimes: the located view evaluates real-image regimes '
-                     f'only, not {regime!r}; run the GAN regimes in the crop view.')
+  """One run of the located view (`wbc_jax.located`); returns results.json's contents.
+  Real-image regimes only (`validate` refuses the GAN regimes with the located view)."""
   raw = ip.load_raw(config.data)
   run_examples, found = located.located_examples(config, workdir, raw, examples, split, log)
   run_config = rundir.run_config(config, located.VIEW, regime, model)

@@ -35,8 +35,8 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from wbc_jax import crops
 from wbc_jax import bccd_wbc
+from wbc_jax import crops
 from wbc_jax import input_pipeline as ip
 from wbc_jax import localise
 from wbc_jax import rundir
@@ -227,15 +227,13 @@ class Predictor:
 
 
 def _trained_run_dir(run_dir: str) -> str:
-  """A located run WORKDIR/located/<split>/<regime>/<model> -> its crop run (the one with
-  checkpoints) WORKDIR/crop/<split>/<regime>/<model>; any other run directory as it is."""
+  """A located run -> the crop run it evaluates (the one with checkpoints), as its results.json
+  names it; any other run directory as it is."""
   path = os.path.join(run_dir, rundir.RESULTS)
-  if os.path.isfile(path) and utils.read_json(path).get('located', {}).get('crop_run'):
-    split_path = os.path.dirname(os.path.dirname(os.path.abspath(run_dir)))
-    workdir = os.path.dirname(os.path.dirname(split_path))
-    return os.path.join(workdir, 'crop', os.path.relpath(os.path.abspath(run_dir),
-                                                         os.path.dirname(split_path)))
-  return run_dir
+  crop_run = (utils.read_json(path).get('located', {}).get('crop_run')
+              if os.path.isfile(path) else None)
+  # 'crop_run' is relative to the located run's parent (`located.evaluate_crop_run`).
+  return os.path.normpath(os.path.join(run_dir, os.pardir, crop_run)) if crop_run else run_dir
 
 
 def predict_files(run_dir: str, paths: list[str], box: str | None = None,
